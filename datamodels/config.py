@@ -1,0 +1,366 @@
+"""Run configuration: one frozen dataclass per stage, composed into :class:`RunConfig`.
+
+YAML in, validated before anything is written: an unknown key, a wrong type or an
+out-of-range value raises :class:`~datamodels.errors.ConfigError` naming the file, the key,
+the expected and the actual value. The dataclass defaults *are* the embedded digits default
+(``pipelines/digits.yaml`` spells them out).
+
+Range metadata on a field: ``_range(lo, hi, lo_open=False, hi_open=False)``; ``None`` means
+unbounded. ``_choice(...)`` restricts a string field to a set of values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from datamodels.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "CollectConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "training_identity",
+    "diff_identity",
+]
+
+
+def _range(lo=None, hi=None, *, lo_open=False, hi_open=False, help=""):
+    return {"range": (lo, hi, lo_open, hi_open), "help": help}
+
+
+def _choice(*values, help=""):
+    return {"choices": values, "help": help}
+
+
+def _help(text):
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how it is split. Images are uint8 (N, C, H, W)."""
+
+    dataset: str = field(
+        default="digits",
+        metadata=_choice("digits", "cifar10", "synthetic", help="dataset name"),
+    )
+    root: str | None = field(
+        default=None,
+        metadata=_help("cifar10: directory holding data_batch_1..5 and test_batch (python version)"),
+    )
+    train_size: int = field(
+        default=1000,
+        metadata=_range(2, None, help="digits: training examples N taken from the seeded split"),
+    )
+    split_seed: int = field(default=0, metadata=_range(0, None, help="digits: seed of the split"))
+    synthetic_train: int = field(
+        default=50000, metadata=_range(2, None, help="synthetic: training examples N")
+    )
+    synthetic_test: int = field(
+        default=10000, metadata=_range(1, None, help="synthetic: targets T")
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """ResNet-9 (prep conv, three stages with pooling, residual blocks after stages 1 and 3)."""
+
+    widths: tuple[int, int, int, int] = field(
+        default=(16, 32, 64, 128),
+        metadata=_help("channels of prep, stage 1, 2, 3; (64, 128, 256, 512) is the full ResNet-9"),
+    )
+    scale_out: float = field(
+        default=0.125, metadata=_range(0, None, lo_open=True, help="multiplier on the logits")
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe of one model on its subset."""
+
+    epochs: int = field(default=10, metadata=_range(1, None))
+    batch_size: int = field(default=64, metadata=_range(1, None))
+    lr: float = field(default=0.4, metadata=_range(0, None, lo_open=True, help="peak learning rate (SGD, nesterov)"))
+    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+    weight_decay: float = field(default=5e-4, metadata=_range(0, None))
+    label_smoothing: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
+    warmup: float = field(
+        default=0.25,
+        metadata=_range(0, 1, help="fraction of training at which the triangular lr schedule peaks"),
+    )
+    translate: int = field(default=1, metadata=_range(0, None, help="random translation, pixels"))
+    flip: bool = field(default=False, metadata=_help("random horizontal (width) flips"))
+    cutout: int = field(default=0, metadata=_range(0, None, help="cutout square size, pixels (0 = off)"))
+    tta_flip: bool = field(
+        default=False, metadata=_help("average logits of the image and its width-flipped copy")
+    )
+    device: str = field(default="cpu", metadata=_choice("cpu", "cuda", "auto"))
+    precision: str = field(default="float32", metadata=_choice("float32", "bf16", "fp16"))
+    threads: int = field(default=1, metadata=_range(1, None, help="torch threads per worker"))
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """How many models, on which subsets."""
+
+    alpha: float = field(
+        default=0.5, metadata=_range(0, 1, lo_open=True, help="subset fraction: each mask has round(alpha*N) ones")
+    )
+    models: int = field(default=64, metadata=_range(1, None, help="models M to train"))
+    block_size: int = field(
+        default=8,
+        metadata=_range(1, None, help="models per work unit; also the row chunk of the store"),
+    )
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Where the work runs. None of this changes results, so it may differ between sessions."""
+
+    workers: int | None = field(
+        default=None, metadata=_range(1, None, help="training actors (default: one per CPU, or per GPU share)")
+    )
+    cpus_per_worker: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    gpus_per_worker: float = field(default=0.0, metadata=_range(0, 1, help="fractional GPUs per actor"))
+    in_flight_per_worker: int = field(default=2, metadata=_range(1, None))
+    max_retries: int = field(default=3, metadata=_range(0, None, help="retries of a block whose worker died"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs. ``training_identity`` is the part that fixes masks and margins."""
+
+    name: str = "digits"
+    seed: int = field(default=0, metadata=_range(0, None, help="run seed: masks and training seeds derive from (seed, i)"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **sections) -> "RunConfig":
+        return dataclasses.replace(self, **sections)
+
+
+# Keys that may change between invocations on the same store without changing any result.
+_NON_IDENTITY = {"collect.models", "collect.block_size", "resources", "name"}
+
+
+def _to_plain(x):
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def training_identity(cfg: RunConfig | dict) -> dict[str, Any]:
+    """Flattened config keys that determine masks and margins (everything but M and resources).
+
+    Block size is excluded on purpose: it only sets the store's row chunking, which is fixed
+    when the store is created.
+    """
+    d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
+    flat = _flatten(d)
+    return {
+        k: v
+        for k, v in flat.items()
+        if k not in _NON_IDENTITY and k.split(".")[0] not in _NON_IDENTITY
+        and k.split(".")[0] in {"seed", "data", "model", "train", "collect"}
+    }
+
+
+def diff_identity(a: RunConfig | dict, b: RunConfig | dict) -> dict[str, tuple[Any, Any]]:
+    """Keys of the training identity whose values differ: {key: (a's, b's)}."""
+    ia, ib = training_identity(a), training_identity(b)
+    return {k: (ia.get(k), ib.get(k)) for k in sorted(set(ia) | set(ib)) if ia.get(k) != ib.get(k)}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return f"a list of {len(args)} {_type_name(args[0])}s"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against type ``tp`` (int accepted for float); return the typed value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _check_meta(value, meta, where: str):
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: expected one of {list(meta['choices'])}, got {value!r}")
+    if "range" in meta and value is not None:
+        lo, hi, lo_open, hi_open = meta["range"]
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (
+                hi is not None and (v > hi or (hi_open and v == hi))
+            )
+            if bad:
+                left = ("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo}")
+                right = ("inf" if hi is None else f"{hi}") + (")" if hi_open else "]")
+                raise ConfigError(f"{where}: expected a value in {left}, {right}, got {v!r}")
+
+
+def config_from_dict(cls, raw: dict | None, *, source: str = "<config>", prefix: str = ""):
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys, bad types and ranges."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {_describe(raw)}"
+        )
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}' (expected one of: {', '.join(known)})"
+            )
+    kwargs = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        tp, where = hints[name], f"{source}: {prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = config_from_dict(tp, raw[name], source=source, prefix=f"{prefix}{name}.")
+        else:
+            value = _coerce(raw[name], tp, where)
+            _check_meta(value, f.metadata, where)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_path(d: dict, dotted: str, value, *, source: str):
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: cannot set '{dotted}': '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw config dict."""
+    raw = dict(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.epochs=8")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        _set_path(raw, key.strip(), value, source="--set")
+    return raw
+
+
+def _deep_copy(d):
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config; ``None`` gives the embedded digits default.
+
+    Raises ConfigError (bad content) or FileNotFoundError (no such file).
+    """
+    source = "<default>" if path is None else str(path)
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {_describe(raw)}")
+    raw = apply_overrides(_deep_copy(raw), overrides)
+    if overrides:
+        source = f"{source} (with --set {' '.join(overrides)})"
+    return config_from_dict(RunConfig, raw, source=source)
+
+
+def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field, for ``--help`` and docs."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe_fields(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+    return out

@@ -1,0 +1,206 @@
+"""Training one model: a plain function of (dataset, config, model index).
+
+Determinism contract: the mask of model i is a pure function of (run seed, i) -- exactly
+round(alpha * N) examples drawn without replacement by numpy's Generator -- and so is the
+training seed. On CPU with one thread, retraining model i reproduces its margins bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datamodels.augment import augment_batch
+from datamodels.config import RunConfig, TrainConfig
+from datamodels.data import Dataset
+from datamodels.model import build_model
+
+__all__ = [
+    "ModelResult",
+    "subset_size",
+    "subset_mask",
+    "training_seed",
+    "train_model",
+    "train_on",
+    "margins",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """What one trained model contributes to the store (row ``index``)."""
+
+    index: int
+    mask: np.ndarray  # (N,) bool
+    test_margins: np.ndarray  # (T,) float32
+    train_margins: np.ndarray  # (N,) float32; out-of-sample where mask is False
+    seconds: float
+
+    @property
+    def test_accuracy(self) -> float:
+        return float((self.test_margins > 0).mean())
+
+
+def _seeds(seed: int, index: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    mask_ss, train_ss = np.random.SeedSequence([seed, index]).spawn(2)
+    return mask_ss, train_ss
+
+
+def subset_size(n: int, alpha: float) -> int:
+    """round(alpha * N), halves rounded up, at least 1."""
+    return max(1, min(n, int(math.floor(alpha * n + 0.5))))
+
+
+def subset_mask(seed: int, index: int, n: int, alpha: float) -> np.ndarray:
+    """(N,) bool mask of model ``index``: exactly subset_size(N, alpha) ones."""
+    rng = np.random.default_rng(_seeds(seed, index)[0])
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=subset_size(n, alpha), replace=False)] = True
+    return mask
+
+
+def training_seed(seed: int, index: int) -> int:
+    """The torch seed of model ``index`` (init, batch order, augmentation)."""
+    return int(_seeds(seed, index)[1].generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device here")
+    return torch.device(name)
+
+
+def _normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x_uint8.float().div_(255.0) - mean) / std
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "float32" or device.type != "cuda":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std,
+            tta_flip: bool = False, batch_size: int = 1024, precision: str = "float32") -> torch.Tensor:
+    """Margins (B,): logit of the correct class minus the largest other logit.
+
+    With ``tta_flip`` the logits of each image and its WIDTH-flipped copy (``x.flip(-1)``) are
+    averaged first.
+    """
+    model.eval()
+    out = []
+    for a in range(0, x.shape[0], batch_size):
+        xb = _normalise(x[a : a + batch_size], mean, std)
+        with _autocast(xb.device, precision):
+            logits = model(xb).float()
+            if tta_flip:
+                logits = 0.5 * (logits + model(xb.flip(-1)).float())
+        yb = y[a : a + batch_size]
+        correct = logits.gather(1, yb[:, None]).squeeze(1)
+        others = logits.scatter(1, yb[:, None], float("-inf"))
+        out.append(correct - others.max(dim=1).values)
+    return torch.cat(out)
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Triangular schedule: 0 -> peak at ``warmup`` of training -> 0 at the end."""
+    t = step / max(1, total)
+    if warmup > 0 and t < warmup:
+        return peak * t / warmup
+    return peak * max(0.0, (1.0 - t) / max(1e-12, 1.0 - warmup))
+
+
+def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: int, *,
+             labels: torch.Tensor | None = None, device: torch.device | None = None) -> torch.nn.Module:
+    """Train a fresh model on ``dataset.train_x[train_idx]`` and return it (in eval mode).
+
+    ``labels`` (N,) replaces the training labels (label-flip experiments). Everything random
+    (init, batch order, augmentation) derives from ``seed``.
+    """
+    tc: TrainConfig = cfg.train
+    device = device or resolve_device(tc.device)
+    x_all = dataset.train_x.to(device)
+    y_all = (dataset.train_y if labels is None else labels).to(device)
+    mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # scoped: parameter init only
+        model = build_model(cfg.model, dataset.train_x.shape[1], dataset.num_classes)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    idx = train_idx.to(device)
+    n = idx.numel()
+    steps_per_epoch = max(1, n // tc.batch_size + (1 if n % tc.batch_size >= 2 else 0))
+    total = tc.epochs * steps_per_epoch
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.0, momentum=tc.momentum, nesterov=tc.momentum > 0,
+    )
+    step = 0
+    model.train()
+    for _ in range(tc.epochs):
+        order = idx[torch.randperm(n, generator=gen, device=device)]
+        for a in range(0, n, tc.batch_size):
+            b = order[a : a + tc.batch_size]
+            if b.numel() < 2:  # batch norm needs two examples
+                continue
+            xb = augment_batch(x_all[b], gen, translate=tc.translate, flip=tc.flip, cutout_size=tc.cutout)
+            xb = _normalise(xb, mean, std)
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, total, tc.lr, tc.warmup)
+            with _autocast(device, tc.precision):
+                loss = F.cross_entropy(model(xb), y_all[b], label_smoothing=tc.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    model.eval()
+    return model
+
+
+def train_model(dataset: Dataset, cfg: RunConfig, index: int, *,
+                device: torch.device | None = None) -> ModelResult:
+    """Train model ``index`` of a run on its mask; return its mask and margins.
+
+    Margins are on all T targets (test set) and all N training examples (out-of-sample for
+    those outside the mask).
+    """
+    t0 = time.perf_counter()
+    device = device or resolve_device(cfg.train.device)
+    mask = subset_mask(cfg.seed, index, dataset.num_train, cfg.collect.alpha)
+    model = train_on(dataset, torch.from_numpy(np.flatnonzero(mask)), cfg,
+                     training_seed(cfg.seed, index), device=device)
+    kw = dict(
+        mean=torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1),
+        std=torch.tensor(dataset.std, device=device).view(1, -1, 1, 1),
+        tta_flip=cfg.train.tta_flip and dataset.flippable,
+        precision=cfg.train.precision,
+    )
+    test_m = margins(model, dataset.test_x.to(device), dataset.test_y.to(device), **kw)
+    train_m = margins(model, dataset.train_x.to(device), dataset.train_y.to(device), **kw)
+    return ModelResult(
+        index=index,
+        mask=mask,
+        test_margins=test_m.float().cpu().numpy(),
+        train_margins=train_m.float().cpu().numpy(),
+        seconds=time.perf_counter() - t0,
+    )
