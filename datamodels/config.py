@@ -27,6 +27,10 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "CollectConfig",
+    "FitConfig",
+    "EvalConfig",
+    "BrittlenessConfig",
+    "VerifyConfig",
     "ResourcesConfig",
     "RunConfig",
     "load_config",
@@ -72,6 +76,10 @@ class DataConfig:
     synthetic_test: int = field(
         default=10000, metadata=_range(1, None, help="synthetic: targets T")
     )
+    beton: str | None = field(
+        default=None,
+        metadata=_help("train.loader=ffcv: path of the training set's .beton (written if missing)"),
+    )
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,11 @@ class TrainConfig:
     device: str = field(default="cpu", metadata=_choice("cpu", "cuda", "auto"))
     precision: str = field(default="float32", metadata=_choice("float32", "bf16", "fp16"))
     threads: int = field(default=1, metadata=_range(1, None, help="torch threads per worker"))
+    loader: str = field(
+        default="memory",
+        metadata=_choice("memory", "ffcv", help="memory: whole dataset on the device as uint8; "
+                                                "ffcv: an FFCV Loader over data.beton (extra datamodels[ffcv])"),
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,58 @@ class CollectConfig:
         default=8,
         metadata=_range(1, None, help="models per work unit; also the row chunk of the store"),
     )
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Sparse linear datamodels: a lasso path per target, lambda chosen on held-out models."""
+
+    targets: str = field(
+        default="test", metadata=_choice("test", "test+train", help="fit test targets, or training examples too")
+    )
+    n_lambdas: int = field(default=40, metadata=_range(2, None, help="lambdas on the geometric path"))
+    eps: float = field(default=1e-3, metadata=_range(0, 1, lo_open=True, hi_open=True,
+                                                      help="path ends at lam_max * eps"))
+    val_fraction: float = field(default=0.1, metadata=_range(0, 1, lo_open=True, hi_open=True,
+                                                             help="share of models held out to choose lambda"))
+    backend: str = field(default="torch", metadata=_choice("torch", "sklearn"))
+    device: str = field(default="auto", metadata=_choice("cpu", "cuda", "auto"))
+    dtype: str = field(default="float32", metadata=_choice("float32", "float64"))
+    block_rows: int = field(default=4096, metadata=_range(1, None, help="mask rows streamed per block"))
+    tol: float = field(default=1e-6, metadata=_range(0, None, lo_open=True, help="solver tolerance"))
+    min_models: int = field(default=20, metadata=_range(4, None, help="complete models needed to fit"))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation models for the LDS: E fresh masks, each trained R times."""
+
+    masks: int = field(default=50, metadata=_range(2, None, help="evaluation masks E"))
+    repeats: int = field(default=2, metadata=_range(1, None, help="models R per mask (>= 2 gives a noise ceiling)"))
+
+
+@dataclass(frozen=True)
+class BrittlenessConfig:
+    """Estimated removal/flip set sizes from the datamodels."""
+
+    thresholds: tuple[float, ...] = field(
+        default=(0.0, -0.5, -1.0, -2.0),
+        metadata=_range(None, 0, help="margin thresholds C <= 0: smallest k with predicted margin <= C"),
+    )
+    full_models: int = field(default=8, metadata=_range(1, None, help="models trained on the full set (baseline margin)"))
+    flip_label: str = field(default="runner-up", metadata=_choice("runner-up", "random", "fixed"))
+    flip_class: int = field(default=0, metadata=_range(0, None, help="new label when flip_label=fixed"))
+    max_k: int | None = field(default=None, metadata=_range(1, None, help="largest set size considered (default N)"))
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Retraining checks of estimated sets."""
+
+    models: int = field(default=4, metadata=_range(1, None, help="models K trained per check"))
+    targets: int = field(default=20, metadata=_range(0, None, help="targets verified by the main job"))
+    rounds: int = field(default=3, metadata=_range(1, None, help="coarse threshold search: checks per target"))
+    method: str = field(default="datamodel", metadata=_choice("datamodel", "representation", "pixel", "random"))
 
 
 @dataclass(frozen=True)
@@ -149,6 +214,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    brittleness: BrittlenessConfig = field(default_factory=BrittlenessConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +228,8 @@ class RunConfig:
 
 
 # Keys that may change between invocations on the same store without changing any result.
-_NON_IDENTITY = {"collect.models", "collect.block_size", "resources", "name"}
+_NON_IDENTITY = {"collect.models", "collect.block_size", "train.threads", "train.loader", "data.beton",
+                 "resources", "name"}
 
 
 def _to_plain(x):
@@ -235,6 +305,11 @@ def _coerce(value, tp, where: str):
             except ConfigError:
                 pass
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is tuple and len(typing.get_args(tp)) == 2 and typing.get_args(tp)[1] is Ellipsis:
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{where}: expected a non-empty list of {inner.__name__}, got {_describe(value)}")
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
