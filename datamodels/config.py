@@ -178,6 +178,11 @@ class BrittlenessConfig:
     full_models: int = field(default=8, metadata=_range(1, None, help="models trained on the full set (baseline margin)"))
     flip_label: str = field(default="runner-up", metadata=_choice("runner-up", "random", "fixed"))
     flip_class: int = field(default=0, metadata=_range(0, None, help="new label when flip_label=fixed"))
+    flip_effect: float = field(
+        default=2.0,
+        metadata=_range(0, None, lo_open=True, help="predicted effect of flipping an example, in units of "
+                                                    "removing it (2: it stops supporting and starts opposing)"),
+    )
     max_k: int | None = field(default=None, metadata=_range(1, None, help="largest set size considered (default N)"))
 
 
