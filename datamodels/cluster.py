@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from datamodels.config import DataConfig, ResourcesConfig, TrainConfig
 
-__all__ = ["ensure_ray", "run_tasks", "Worker", "default_workers"]
+__all__ = ["ensure_ray", "run_tasks", "shutdown_pool", "Worker", "default_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,12 @@ class Worker:
 
 def run_tasks(tasks: list[tuple[Hashable, Callable, tuple, int]], *, data_cfg: DataConfig,
               train_cfg: TrainConfig, resources: ResourcesConfig, address: str | None = None,
-              progress: bool = True, unit: str = "models", desc: str = "") -> dict[Hashable, Any]:
+              progress: bool = True, unit: str = "models", desc: str = "",
+              on_result: Callable[[Hashable, Any], None] | None = None) -> dict[Hashable, Any]:
     """Run every task on a pool of actors; return {key: result}.
+
+    ``on_result(key, result)`` runs in the driver as each task finishes (e.g. to write results
+    that the actors return instead of writing themselves, so an interrupted run keeps them).
 
     Raises RuntimeError when a task's actor died more than ``resources.max_retries`` times.
     On KeyboardInterrupt the actors are killed (rows in flight stay incomplete in the store)
@@ -85,7 +89,8 @@ def run_tasks(tasks: list[tuple[Hashable, Callable, tuple, int]], *, data_cfg: D
     def new_actor():
         return Worker.options(**opts).remote(data_cfg, train_cfg.threads, train_cfg.device)
 
-    actors = [new_actor() for _ in range(n_workers)]
+    actors = _pool(new_actor, n_workers, (data_cfg, train_cfg.threads, train_cfg.device,
+                                          resources.cpus_per_worker, resources.gpus_per_worker))
     pending = list(reversed(tasks))  # pop() from the end keeps submission order
     attempts: dict[Hashable, int] = {}
     in_flight: dict[ray.ObjectRef, tuple[int, tuple]] = {}  # ref -> (actor slot, task)
@@ -114,6 +119,8 @@ def run_tasks(tasks: list[tuple[Hashable, Callable, tuple, int]], *, data_cfg: D
             key = task[0]
             try:
                 results[key] = ray.get(ref)
+                if on_result is not None:
+                    on_result(key, results[key])
                 bar.update(task[3])
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
                 attempts[key] = attempts.get(key, 0) + 1
@@ -129,19 +136,45 @@ def run_tasks(tasks: list[tuple[Hashable, Callable, tuple, int]], *, data_cfg: D
                 pending.append(task)
             submit()
     except BaseException:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        shutdown_pool()
         raise
     finally:
         bar.close()
-    for a in actors:
-        ray.kill(a, no_restart=True)
     return results
 
 
-def _alive(actor) -> bool:
+# One pool of warm actors per driver process: the stages of a pipeline (train, evaluate,
+# full-set models, verification) reuse them instead of paying actor start and data loading
+# each time. Keyed by what the actors hold, and by the Ray session they live in.
+_POOL: dict = {"key": None, "actors": []}
+
+
+def _pool(new_actor: Callable, n: int, key: tuple) -> list:
+    key = (ray.get_runtime_context().get_job_id(), key)
+    if _POOL["key"] != key:
+        shutdown_pool()
+        _POOL["key"] = key
+    actors = _POOL["actors"]
+    actors[:] = [a for a in actors if _alive(a, timeout=5)]
+    while len(actors) < n:
+        actors.append(new_actor())
+    return actors  # slots replaced on failure are replaced in the pool too
+
+
+def shutdown_pool() -> None:
+    """Kill the warm actors (they hold CPU/GPU reservations)."""
+    for a in _POOL["actors"]:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:
+            pass
+    _POOL["actors"] = []
+    _POOL["key"] = None
+
+
+def _alive(actor, timeout: float = 30) -> bool:
     try:
-        ray.get(actor.pid.remote(), timeout=30)
+        ray.get(actor.pid.remote(), timeout=timeout)
         return True
     except Exception:
         return False
