@@ -47,8 +47,13 @@ class ModelResult:
         return float((self.test_margins > 0).mean())
 
 
-def _seeds(seed: int, index: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
-    mask_ss, train_ss = np.random.SeedSequence([seed, index]).spawn(2)
+def _seeds(seed: int, *key: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """Mask and training seed sequences of the model keyed by (seed, *key).
+
+    Training models use key (i,); other stages (evaluation, full-set, verification models)
+    put a distinct domain number first, so their randomness never collides with training's.
+    """
+    mask_ss, train_ss = np.random.SeedSequence([seed, *key]).spawn(2)
     return mask_ss, train_ss
 
 
@@ -57,17 +62,20 @@ def subset_size(n: int, alpha: float) -> int:
     return max(1, min(n, int(math.floor(alpha * n + 0.5))))
 
 
-def subset_mask(seed: int, index: int, n: int, alpha: float) -> np.ndarray:
-    """(N,) bool mask of model ``index``: exactly subset_size(N, alpha) ones."""
-    rng = np.random.default_rng(_seeds(seed, index)[0])
+def subset_mask(seed: int, index: int, n: int, alpha: float, *, domain: tuple[int, ...] = ()) -> np.ndarray:
+    """(N,) bool mask of model ``index``: exactly subset_size(N, alpha) ones.
+
+    ``domain`` (e.g. ``(EVAL_DOMAIN,)``) separates other stages' masks from training's.
+    """
+    rng = np.random.default_rng(_seeds(seed, *domain, index)[0])
     mask = np.zeros(n, dtype=bool)
     mask[rng.choice(n, size=subset_size(n, alpha), replace=False)] = True
     return mask
 
 
-def training_seed(seed: int, index: int) -> int:
+def training_seed(seed: int, index: int, *, domain: tuple[int, ...] = ()) -> int:
     """The torch seed of model ``index`` (init, batch order, augmentation)."""
-    return int(_seeds(seed, index)[1].generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+    return int(_seeds(seed, *domain, index)[1].generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,8 +178,14 @@ def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: in
         torch.manual_seed(seed)  # scoped: parameter init only
         model = build_model(cfg.model, dataset.train_x.shape[1], dataset.num_classes)
     model = model.to(device)
+    scaler = None
     if device.type == "cuda":
+        # Fixed shapes every step (only a model's last batch differs): let cuDNN pick the
+        # fastest kernels once. Convolutions in NHWC run on tensor cores without transposes.
+        torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
+        if tc.precision == "fp16":  # fp16 gradients underflow without loss scaling (bf16 ones do not)
+            scaler = torch.amp.GradScaler("cuda")
     gen = torch.Generator(device=device).manual_seed(seed)
 
     batches = make_batches(dataset, train_idx, cfg, labels, device)
@@ -196,8 +210,13 @@ def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: in
             with _autocast(device, tc.precision):
                 loss = F.cross_entropy(model(xb), yb, label_smoothing=tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:  # no host syncs per step: lr is a Python float, nothing is .item()'d
+                loss.backward()
+                opt.step()
+            else:  # the scaler's inf check syncs once per step; bf16 avoids it
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             step += 1
     model.eval()
     return model
