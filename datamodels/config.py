@@ -132,7 +132,7 @@ class CollectConfig:
     alpha: float = field(
         default=0.5, metadata=_range(0, 1, lo_open=True, help="subset fraction: each mask has round(alpha*N) ones")
     )
-    models: int = field(default=64, metadata=_range(1, None, help="models M to train"))
+    models: int = field(default=1000, metadata=_range(1, None, help="models M to train"))
     block_size: int = field(
         default=8,
         metadata=_range(1, None, help="models per work unit; also the row chunk of the store"),
@@ -156,6 +156,9 @@ class FitConfig:
     dtype: str = field(default="float32", metadata=_choice("float32", "float64"))
     block_rows: int = field(default=4096, metadata=_range(1, None, help="mask rows streamed per block"))
     tol: float = field(default=1e-6, metadata=_range(0, None, lo_open=True, help="solver tolerance"))
+    patience: int | None = field(
+        default=5, metadata=_range(1, None, help="end a target's path after this many lambdas without a "
+                                                 "better validation MSE (null: whole path)"))
     min_models: int = field(default=20, metadata=_range(4, None, help="complete models needed to fit"))
 
 

@@ -1,0 +1,120 @@
+"""The fit stage on stores with planted datamodels, and the LDS arithmetic."""
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from datamodels.config import FitConfig
+from datamodels.data import load_dataset
+from datamodels.errors import StoreError
+from datamodels.evaluate import lds_report
+from datamodels.fit import RowView, fit_run, load_datamodels
+from datamodels.store import RunStore
+from datamodels.train import ModelResult, subset_mask
+
+FAST = FitConfig(n_lambdas=12, eps=1e-2, min_models=20, device="cpu")
+
+
+def planted_store(tmp_path, m=400, *, nan_rows=(), skip_rows=()):
+    """A store whose margins are an exact sparse linear function of the masks plus noise."""
+    cfg = tiny_config(f"collect.models={m}", "collect.block_size=16")
+    ds = load_dataset(cfg.data)
+    n, t = ds.num_train, 6
+    ds = type(ds)(**{**ds.__dict__, "test_x": ds.test_x[:t], "test_y": ds.test_y[:t]})
+    store = RunStore.create(tmp_path / "run", cfg, ds)
+    g = np.random.default_rng(0)
+    w = np.zeros((n, t))
+    for j in range(t):
+        w[g.choice(n, 3, replace=False), j] = g.choice([-1, 1], 3) * g.uniform(0.5, 1.0, 3)
+    b = g.normal(size=t)
+    for i in range(m):
+        if i in skip_rows:
+            continue
+        mask = subset_mask(cfg.seed, i, n, cfg.collect.alpha)
+        y = (b + mask @ w + 0.05 * g.normal(size=t)).astype(np.float32)
+        if i in nan_rows:
+            y[0] = np.nan
+        store.write_result(ModelResult(i, mask, y, np.zeros(n, np.float32), 0.0))
+    return store, w, b
+
+
+def test_fit_recovers_planted_weights_in_raw_mask_units(tmp_path):
+    store, w, b = planted_store(tmp_path)
+    summary = fit_run(store.path, FAST)
+    weight, bias, attrs = load_datamodels(store.path)
+    assert weight.shape == w.shape and attrs["models_used"] == 400
+    for j in range(w.shape[1]):
+        top = set(np.argsort(-np.abs(weight[:, j]))[:3])
+        assert top == set(np.flatnonzero(w[:, j]))
+    assert np.abs(weight - w).max() < 0.15
+    # prediction needs no other state: bias + mask @ weight reproduces the planted function
+    masks = store.read("masks")
+    assert np.abs((bias + masks @ weight) - (b + masks @ w)).mean() < 0.1
+    assert summary["models_left_out"] == 0
+
+
+def test_diverged_models_are_left_out_and_counted(tmp_path):
+    store, w, _ = planted_store(tmp_path, m=120, nan_rows=(3, 50), skip_rows=(7,))
+    s = fit_run(store.path, FAST)
+    assert s["models_used"] == 117 and s["models_left_out"] == 2
+    _, _, attrs = load_datamodels(store.path)
+    rows = np.asarray(__import__("zarr").open_group(str(store.path / "datamodels"))["rows"][:])
+    assert 3 not in rows and 50 not in rows and 7 not in rows
+
+
+def test_too_few_models_says_how_many_exist_and_are_needed(tmp_path):
+    store, _, _ = planted_store(tmp_path, m=30, skip_rows=tuple(range(20, 30)))
+    with pytest.raises(StoreError, match=r"20 usable models .* at least 25"):
+        fit_run(store.path, FitConfig(min_models=25))
+
+
+def test_a_failed_refit_keeps_the_previous_fit(tmp_path, monkeypatch):
+    store, _, _ = planted_store(tmp_path, m=120)
+    fit_run(store.path, FAST)
+    before = load_datamodels(store.path)[0].copy()
+
+    def boom(*a, **k):
+        raise RuntimeError("solver crashed")
+
+    monkeypatch.setattr("datamodels.fit.fit_lasso", boom)
+    with pytest.raises(RuntimeError):
+        fit_run(store.path, FitConfig(n_lambdas=5, min_models=20, device="cpu"))
+    assert np.array_equal(load_datamodels(store.path)[0], before)
+
+
+def test_row_view_streams_selected_rows_of_hstacked_arrays(tmp_path):
+    store, _, _ = planted_store(tmp_path, m=40)
+    rows = np.array([1, 5, 6, 30])
+    v = RowView([store.group["test_margins"], store.group["train_margins"]], rows)
+    full = np.hstack([store.read("test_margins"), store.read("train_margins")])[rows]
+    assert v.shape == full.shape and np.array_equal(v[1:3], full[1:3]) and np.array_equal(v[:], full)
+
+
+def test_test_plus_train_targets_fits_n_more_columns(tmp_path):
+    store, _, _ = planted_store(tmp_path, m=60)
+    fit_run(store.path, FitConfig(targets="test+train", n_lambdas=4, min_models=20, device="cpu"))
+    weight, _, attrs = load_datamodels(store.path)
+    n = store.group["masks"].shape[1]
+    assert weight.shape == (n, 6 + n) and attrs["num_test_targets"] == 6
+
+
+def test_lds_known_answers():
+    g = np.random.default_rng(0)
+    actual = g.normal(size=(30, 2, 5))
+    avg = actual.mean(1)
+    assert lds_report(avg, actual)["lds"] == pytest.approx(1.0)
+    assert lds_report(-avg, actual)["lds"] == pytest.approx(-1.0)
+    assert lds_report(np.exp(avg), actual)["lds"] == pytest.approx(1.0)  # rank-based
+    same = np.repeat(avg[:, None], 2, axis=1)
+    r = lds_report(avg, same)
+    assert r["split_half_reliability"] == pytest.approx(1.0) and r["noise_ceiling"] == pytest.approx(1.0)
+    # independent repeats: reliability near 0
+    r = lds_report(avg, g.normal(size=(30, 2, 5)))
+    assert r["noise_ceiling"] < 0.8
+    const = avg.copy()
+    const[:, 0] = 1.0
+    r = lds_report(const, actual)
+    assert r["targets_undefined"] == 1 and np.isnan(r["per_target_lds"][0])
+    assert lds_report(avg, actual[:, :1])["noise_ceiling"] is None
+    with pytest.raises(ValueError, match="expected pred"):
+        lds_report(avg[:, :3], actual)
