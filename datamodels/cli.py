@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from datamodels.config import RunConfig, load_config
-from datamodels.errors import DatamodelsError
+from datamodels.errors import ConfigError, DatamodelsError
 
 log = logging.getLogger("datamodels")
 
@@ -75,16 +75,118 @@ def _print_status(status: dict, *, json_out: bool) -> None:
         print(f"  mean test accuracy: {acc:.4f}   mean training time: {status['mean_train_seconds']:.2f} s/model")
 
 
+def _fit_progress(enabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = {}
+
+    def update(done, total):
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, unit="lambda", desc="fit", disable=not enabled)
+        bar["bar"].n = done
+        bar["bar"].refresh()
+        if done >= total:
+            bar["bar"].close()
+
+    return update
+
+
+def _fit_config(run: str, sets: list[str]):
+    from datamodels.config import FitConfig, apply_overrides, config_from_dict
+    from datamodels.store import RunStore
+
+    base = RunStore.open(run).config.to_dict()
+    for s in sets:
+        if not s.startswith("fit."):
+            raise ConfigError(f"--set {s!r}: fit accepts only fit.* keys")
+    raw = apply_overrides(base, sets)
+    return config_from_dict(FitConfig, raw["fit"], source="--set", prefix="fit.")
+
+
+def cmd_fit(args) -> int:
+    from datamodels.fit import fit_run
+
+    sets = list(args.set)
+    for flag, key in (("targets", "targets"), ("backend", "backend"), ("device", "device")):
+        if getattr(args, flag) is not None:
+            sets.append(f"fit.{key}={getattr(args, flag)}")
+    cfg = _fit_config(args.run, sets)
+    summary = fit_run(args.run, cfg, progress=_fit_progress(not args.no_progress))
+    _print_fit(summary, json_out=args.json)
+    return 0
+
+
+def _print_fit(s: dict, *, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps(s, indent=2))
+        return
+    print(f"fit: {s['models_used']} models ({s['n_train']} fit + {s['n_val']} validation), "
+          f"{s['models_left_out']} left out (non-finite margins); targets: {s['targets']}; "
+          f"backend {s['fit']['backend']}, {s['seconds']:.1f} s")
+    print(f"  mean non-zeros per datamodel: {s['mean_nnz']:.1f}   mean validation MSE: {s['mean_val_mse']:.4f}")
+
+
+def cmd_evaluate(args) -> int:
+    from datamodels.evaluate import evaluate_run
+
+    report = evaluate_run(args.run, masks=args.masks, repeats=args.repeats, address=args.address,
+                          progress=not args.no_progress)
+    _print_lds(report, json_out=args.json)
+    return 0
+
+
+def _print_lds(r: dict, *, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps(r, indent=2))
+        return
+    ceil = "n/a (repeats < 2)" if r["noise_ceiling"] is None else f"{r['noise_ceiling']:.3f}"
+    print(f"LDS {r['lds']:.3f} (Spearman, mean over {r['T'] - r['targets_undefined']} targets; "
+          f"E={r['E']} masks x R={r['R']} repeats)")
+    print(f"  Pearson {r['pearson']:.3f}   MSE {r['mse']:.4f}   noise ceiling {ceil}"
+          + ("" if r["split_half_reliability"] is None
+             else f" (split-half reliability {r['split_half_reliability']:.3f})"))
+
+
 def cmd_run(args) -> int:
-    """The main job on a config: for now the collect stage; later stages extend it."""
+    """The main job: train, fit, evaluate (LDS), brittleness for all targets, verify a sample."""
     from datamodels.collect import collect
+    from datamodels.evaluate import evaluate_run
+    from datamodels.fit import fit_run
 
     cfg = _load(args)
     out = args.out or str(Path("runs") / cfg.name)
+    progress = not args.no_progress
     print(f"datamodels run: {cfg.name} -> {out}", file=sys.stderr)
-    summary = collect(cfg, out, address=args.address, progress=not args.no_progress)
+    summary = collect(cfg, out, address=args.address, progress=progress)
     _print_status(summary, json_out=False)
+    fit = fit_run(out, cfg.fit, progress=_fit_progress(progress))
+    _print_fit(fit, json_out=False)
+    report = evaluate_run(out, masks=cfg.eval.masks, repeats=cfg.eval.repeats, address=args.address,
+                          progress=progress)
+    _print_lds(report, json_out=False)
+    from datamodels.cli_analysis import main_job_analysis
+
+    analysis = main_job_analysis(out, cfg, address=args.address, progress=progress)
+    _print_summary(summary, report, analysis)
     return 0
+
+
+def _print_summary(status: dict, lds: dict, analysis: dict) -> None:
+    b = analysis["brittleness"]
+    v = analysis["verify"].get("remove", {})
+    rate = "n/a" if v.get("rate") is None else f"{v['rate']:.0%} ({v['verified']}/{v['checked']})"
+    print("\nsummary")
+    print(f"  models          {status['completed']} trained, mean test accuracy {status['mean_test_accuracy']:.4f}")
+    print(f"  datamodels      LDS {lds['lds']:.3f} (noise ceiling "
+          f"{'n/a' if lds['noise_ceiling'] is None else format(lds['noise_ceiling'], '.3f')})")
+    for mode in ("remove", "flip"):
+        rows = b["summary"].get(mode, {})
+        if rows:
+            thr, q = next(iter(rows.items()))  # the first (highest) threshold
+            qs = ", ".join(f"{p} {'>max' if q[p] is None else q[p]}" for p in ("q10", "q25", "q50"))
+            print(f"  brittleness     {mode:<6} (C={thr}): k quantiles {qs}")
+    print(f"  verified        removal sets confirmed by retraining: {rate}")
+    print(f"  CDF plot        {b['cdf'].get('png')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +217,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=int, default=None, help="models M to have in total (collect.models)")
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("fit", help="fit one sparse linear datamodel per target",
+                       description="Fit min (1/2M)||y_t - b - X w||^2 + lam_t ||w||_1 per target t on the "
+                                   "run's complete models (lambda path on standardised features, lambda "
+                                   "chosen per target on held-out models, refit on all). Stores weights "
+                                   "in raw-mask units in RUN/datamodels/; replaces a previous fit only "
+                                   "once the new one is complete.",
+                       epilog="Other fit keys: --set fit.n_lambdas=60 --set fit.eps=1e-4 --set fit.val_fraction=0.2",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run store directory")
+    p.add_argument("--targets", choices=["test", "test+train"], default=None,
+                   help="test targets (default) or training examples too")
+    p.add_argument("--backend", choices=["torch", "sklearn"], default=None,
+                   help="torch: all targets at once (default); sklearn: per-target reference loop")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None)
+    p.add_argument("--set", action="append", default=[], metavar="fit.KEY=VALUE", help="override a fit key")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="measure datamodel quality (LDS) on held-out models",
+                       description="Train E fresh masks R times each (stored in RUN/eval/, never used for "
+                                   "fitting) and report the LDS: per target, the Spearman correlation "
+                                   "between predicted and actual (repeat-averaged) margins across the E "
+                                   "masks, averaged over targets; with Pearson, MSE and the noise ceiling.")
+    p.add_argument("run", help="run store directory (fitted)")
+    p.add_argument("--masks", type=int, default=None, help="evaluation masks E (default: the run's eval.masks)")
+    p.add_argument("--repeats", type=int, default=None, help="models R per mask (default: eval.repeats)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_evaluate)
+
+    from datamodels.cli_analysis import add_parsers
+
+    add_parsers(sub)
+
     p = sub.add_parser("status", help="how far a run is", description="Summarise a run store.")
     p.add_argument("run", help="run store directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -129,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except (DatamodelsError, FileNotFoundError) as e:
+    except (DatamodelsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ __all__ = [
     "train_model",
     "train_on",
     "margins",
+    "margin_from_logits",
     "resolve_device",
 ]
 
@@ -97,6 +98,13 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def margin_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) correct-class logit minus the largest other logit, for logits (B, K), labels (B,)."""
+    correct = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return correct - others.max(dim=1).values
+
+
 @torch.no_grad()
 def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std,
             tta_flip: bool = False, batch_size: int = 1024, precision: str = "float32") -> torch.Tensor:
@@ -113,10 +121,7 @@ def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, s
             logits = model(xb).float()
             if tta_flip:
                 logits = 0.5 * (logits + model(xb.flip(-1)).float())
-        yb = y[a : a + batch_size]
-        correct = logits.gather(1, yb[:, None]).squeeze(1)
-        others = logits.scatter(1, yb[:, None], float("-inf"))
-        out.append(correct - others.max(dim=1).values)
+        out.append(margin_from_logits(logits, y[a : a + batch_size]))
     return torch.cat(out)
 
 

@@ -87,3 +87,16 @@ def test_ctrl_c_leaves_a_consistent_store_and_rerun_finishes(tmp_path):
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     assert RunStore.open(out).complete_mask().all()
+
+
+def test_main_job_trains_fits_and_reports_lds(tmp_path):
+    out = tmp_path / "run"
+    r = cli("run", "--out", str(out), "--no-progress",
+            *sets("collect.models=24", "fit.n_lambdas=5", "eval.masks=3", "eval.repeats=2",
+                  "brittleness.full_models=2", "verify.targets=1", "verify.models=1", "verify.rounds=1"),
+            timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "24/24 complete" in r.stdout and "LDS" in r.stdout and "noise ceiling" in r.stdout
+    s = json.loads(cli("status", str(out), "--json").stdout)
+    assert s["completed"] == 24
+    assert (out / "datamodels" / "weight").exists() and (out / "eval" / "test_margins").exists()
