@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from datamodels.errors import ConfigError, DataError
+from datamodels.train import SubsetBatches
 
 __all__ = ["INSTALL_COMMAND", "write_beton", "ffcv_batches", "FFCVBatches", "clear_loader_cache"]
 
@@ -262,7 +263,7 @@ def _loader(path: Path, batch_size: int, device: torch.device):
         return _loaders[key]
 
 
-class FFCVBatches:
+class FFCVBatches(SubsetBatches):
     """Batches of one model's subset from a cached FFCV Loader, in ``MemoryBatches``' order.
 
     Yielded images are FFCV's reusable buffers: valid until the next batch is requested.
@@ -270,18 +271,14 @@ class FFCVBatches:
 
     def __init__(self, loader, order, idx: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  device: torch.device):
+        super().__init__(idx, batch_size)
         self.loader, self.order_holder = loader, order
-        self.idx, self.labels, self.batch_size, self.device = idx, labels, batch_size, device
-
-    def __len__(self) -> int:
-        n = self.idx.numel()
-        return max(1, n // self.batch_size + (1 if n % self.batch_size >= 2 else 0))
+        self.labels, self.device = labels, device
 
     def epoch(self, gen: torch.Generator):
         n = self.idx.numel()
         # The same draw as MemoryBatches.epoch, so the generator stays in step with it.
-        order = self.idx[torch.randperm(n, generator=gen, device=self.idx.device)]
-        order = order.cpu().numpy().astype(np.int64)  # one host sync per epoch
+        order = self.epoch_order(gen).cpu().numpy().astype(np.int64)  # one host sync per epoch
         if n % self.batch_size == 1:
             order = order[:-1]  # a last batch of one example is dropped (batch norm needs two)
         self.order_holder.order = order

@@ -133,23 +133,35 @@ def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * max(0.0, (1.0 - t) / max(1e-12, 1.0 - warmup))
 
 
-class MemoryBatches:
-    """The default batch source: the whole training set lives on the device as uint8 and each
-    epoch is a random permutation of the subset, cut into batches (a last batch of one example
-    is dropped: batch norm needs two). Faster than any loader when the data fits on the device.
-    """
+class SubsetBatches:
+    """What every batch source shares: batches per epoch of the subset ``idx`` and the epoch's
+    order, a permutation drawn from the model's generator (a last batch of one example is
+    dropped: batch norm needs two). Sources differ only in how they fetch the images."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int):
-        self.x, self.y, self.idx, self.batch_size = x, y, idx, batch_size
+    def __init__(self, idx: torch.Tensor, batch_size: int):
+        self.idx, self.batch_size = idx, batch_size
 
     def __len__(self) -> int:
         n = self.idx.numel()
         return max(1, n // self.batch_size + (1 if n % self.batch_size >= 2 else 0))
 
+    def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
+        return self.idx[torch.randperm(self.idx.numel(), generator=gen, device=self.idx.device)]
+
+
+class MemoryBatches(SubsetBatches):
+    """The default batch source: the whole training set lives on the device as uint8 and each
+    epoch's order is cut into batches by indexing. Faster than any loader when the data fits
+    on the device.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int):
+        super().__init__(idx, batch_size)
+        self.x, self.y = x, y
+
     def epoch(self, gen: torch.Generator):
-        n = self.idx.numel()
-        order = self.idx[torch.randperm(n, generator=gen, device=self.idx.device)]
-        for a in range(0, n, self.batch_size):
+        order = self.epoch_order(gen)
+        for a in range(0, order.numel(), self.batch_size):
             b = order[a : a + self.batch_size]
             if b.numel() >= 2:
                 yield self.x[b], self.y[b]
