@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from datamodels.config import RunConfig, load_config
-from datamodels.errors import ConfigError, DatamodelsError
+from datamodels.errors import DatamodelsError
 
 log = logging.getLogger("datamodels")
 
@@ -91,18 +91,6 @@ def _fit_progress(enabled: bool):
     return update
 
 
-def _fit_config(run: str, sets: list[str]):
-    from datamodels.config import FitConfig, apply_overrides, config_from_dict
-    from datamodels.store import RunStore
-
-    base = RunStore.open(run).config.to_dict()
-    for s in sets:
-        if not s.startswith("fit."):
-            raise ConfigError(f"--set {s!r}: fit accepts only fit.* keys")
-    raw = apply_overrides(base, sets)
-    return config_from_dict(FitConfig, raw["fit"], source="--set", prefix="fit.")
-
-
 def cmd_fit(args) -> int:
     from datamodels.fit import fit_run
 
@@ -110,7 +98,9 @@ def cmd_fit(args) -> int:
     for flag, key in (("targets", "targets"), ("backend", "backend"), ("device", "device")):
         if getattr(args, flag) is not None:
             sets.append(f"fit.{key}={getattr(args, flag)}")
-    cfg = _fit_config(args.run, sets)
+    from datamodels.cli_analysis import run_config
+
+    cfg = run_config(args.run, sets, settable=("fit.",)).fit
     summary = fit_run(args.run, cfg, progress=_fit_progress(not args.no_progress))
     _print_fit(summary, json_out=args.json)
     return 0

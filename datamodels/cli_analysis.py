@@ -22,14 +22,15 @@ __all__ = ["add_parsers", "cmd_brittleness", "cmd_verify", "cmd_query", "run_con
 _SETTABLE = ("brittleness.", "verify.", "resources.")
 
 
-def run_config(run: str, sets: list[str]):
-    """The run store's config with ``--set`` overrides of brittleness/verify/resources keys."""
+def run_config(run: str, sets: list[str], settable: tuple[str, ...] = _SETTABLE):
+    """The run store's config with ``--set`` overrides, only of keys under ``settable``
+    (default: brittleness, verify and resources; the run fixes how models are trained)."""
     from datamodels.config import RunConfig, apply_overrides, config_from_dict
     from datamodels.store import RunStore
 
     for s in sets:
-        if not s.startswith(_SETTABLE):
-            raise ConfigError(f"--set {s!r}: only {', '.join(k + '*' for k in _SETTABLE)} keys may change "
+        if not s.startswith(settable):
+            raise ConfigError(f"--set {s!r}: only {', '.join(k + '*' for k in settable)} keys may change "
                               "here (the run fixes how models are trained)")
     raw = apply_overrides(RunStore.open(run).config.to_dict(), sets)
     return config_from_dict(RunConfig, raw, source=f"{run} (with --set {' '.join(sets)})" if sets else run)
