@@ -50,7 +50,8 @@ from datamodels.config import RunConfig
 from datamodels.data import Dataset, load_dataset
 from datamodels.errors import ConfigError, StoreError
 from datamodels.store import RunStore
-from datamodels.train import _autocast, _normalise, margin_from_logits, resolve_device, train_on, training_seed
+from datamodels.train import (_autocast, _normalise, eval_options, margin_from_logits, resolve_device, train_on,
+                              training_seed)
 
 __all__ = [
     "FULL_DOMAIN",
@@ -271,9 +272,7 @@ def train_full_model(dataset: Dataset, cfg: RunConfig, f: int, data: Dataset | N
     device = resolve_device(cfg.train.device)
     model = train_on(dataset, torch.arange(dataset.num_train), cfg,
                      training_seed(cfg.seed, f, domain=(FULL_DOMAIN,)), device=device)
-    kw = dict(mean=torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1),
-              std=torch.tensor(dataset.std, device=device).view(1, -1, 1, 1),
-              tta_flip=cfg.train.tta_flip and dataset.flippable, precision=cfg.train.precision)
+    kw = eval_options(dataset, cfg, device)
     logits, test_f = _logits_features(model, dataset.test_x.to(device), **kw)
     _, train_f = _logits_features(model, dataset.train_x.to(device), **kw)
     m = margin_from_logits(logits, dataset.test_y.to(device))

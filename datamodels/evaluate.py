@@ -34,7 +34,7 @@ from scipy.stats import rankdata
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
 from datamodels.store import RunStore
-from datamodels.train import margins, subset_mask, train_on, training_seed
+from datamodels.train import eval_options, margins, resolve_device, subset_mask, train_on, training_seed
 
 __all__ = ["EVAL_DOMAIN", "lds_report", "train_eval_models", "evaluate_run", "eval_mask"]
 
@@ -48,8 +48,6 @@ def eval_mask(cfg: RunConfig, e: int, n: int) -> np.ndarray:
 
 def train_eval_models(dataset: Dataset, cfg: RunConfig, items: list[tuple[int, int]]) -> list[tuple]:
     """Work function: train evaluation models (e, r); return [(e, r, test margins (T,))]."""
-    from datamodels.train import resolve_device
-
     device = resolve_device(cfg.train.device)
     out = []
     for e, r in items:
@@ -57,9 +55,7 @@ def train_eval_models(dataset: Dataset, cfg: RunConfig, items: list[tuple[int, i
         model = train_on(dataset, torch.from_numpy(np.flatnonzero(mask)), cfg,
                          training_seed(cfg.seed, r, domain=(EVAL_DOMAIN, e)), device=device)
         m = margins(model, dataset.test_x.to(device), dataset.test_y.to(device),
-                    mean=torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1),
-                    std=torch.tensor(dataset.std, device=device).view(1, -1, 1, 1),
-                    tta_flip=cfg.train.tta_flip and dataset.flippable, precision=cfg.train.precision)
+                    **eval_options(dataset, cfg, device))
         out.append((e, r, m.float().cpu().numpy()))
     return out
 

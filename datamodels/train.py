@@ -29,6 +29,7 @@ __all__ = [
     "train_on",
     "margins",
     "margin_from_logits",
+    "eval_options",
     "resolve_device",
 ]
 
@@ -125,6 +126,17 @@ def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, s
     return torch.cat(out)
 
 
+def eval_options(dataset: Dataset, cfg: RunConfig, device: torch.device) -> dict:
+    """Keyword arguments of :func:`margins` for a run: the dataset's normalisation on
+    ``device``, test-time flips where the run and the dataset allow them, the precision."""
+    return dict(
+        mean=torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1),
+        std=torch.tensor(dataset.std, device=device).view(1, -1, 1, 1),
+        tta_flip=cfg.train.tta_flip and dataset.flippable,
+        precision=cfg.train.precision,
+    )
+
+
 def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     """Triangular schedule: 0 -> peak at ``warmup`` of training -> 0 at the end."""
     t = step / max(1, total)
@@ -188,8 +200,8 @@ def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: in
     tc: TrainConfig = cfg.train
     device = device or resolve_device(tc.device)
     labels = dataset.train_y if labels is None else labels
-    mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+    norm = eval_options(dataset, cfg, device)
+    mean, std = norm["mean"], norm["std"]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # scoped: parameter init only
@@ -251,12 +263,7 @@ def train_model(dataset: Dataset, cfg: RunConfig, index: int, *,
     mask = subset_mask(cfg.seed, index, dataset.num_train, cfg.collect.alpha)
     model = train_on(dataset, torch.from_numpy(np.flatnonzero(mask)), cfg,
                      training_seed(cfg.seed, index), device=device)
-    kw = dict(
-        mean=torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1),
-        std=torch.tensor(dataset.std, device=device).view(1, -1, 1, 1),
-        tta_flip=cfg.train.tta_flip and dataset.flippable,
-        precision=cfg.train.precision,
-    )
+    kw = eval_options(dataset, cfg, device)
     test_m = margins(model, dataset.test_x.to(device), dataset.test_y.to(device), **kw)
     train_m = margins(model, dataset.train_x.to(device), dataset.train_y.to(device), **kw)
     return ModelResult(

@@ -50,7 +50,7 @@ from datamodels.config import RunConfig
 from datamodels.data import Dataset, load_dataset
 from datamodels.errors import ConfigError, StoreError
 from datamodels.store import RunStore
-from datamodels.train import margins, resolve_device, train_on, training_seed
+from datamodels.train import eval_options, margins, resolve_device, train_on, training_seed
 
 __all__ = [
     "VERIFY_DOMAIN",
@@ -124,9 +124,7 @@ def train_check_model(dataset: Dataset, cfg: RunConfig, target: int, mode: str, 
             np.asarray(new_labels, dtype=np.int64))
     model = train_on(dataset, train_idx, cfg, seed, labels=labels, device=device)
     m = margins(model, dataset.test_x[target : target + 1].to(device), dataset.test_y[target : target + 1].to(device),
-                mean=torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1),
-                std=torch.tensor(dataset.std, device=device).view(1, -1, 1, 1),
-                tta_flip=cfg.train.tta_flip and dataset.flippable, precision=cfg.train.precision)
+                **eval_options(dataset, cfg, device))
     return {"key": key, "margin": float(m[0]), "seconds": time.perf_counter() - t0}
 
 
