@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header  # noqa: E402
 
 from datamodels.collect import collect  # noqa: E402
 from datamodels.config import load_config  # noqa: E402
-from datamodels.evaluate import evaluate_run, lds_report  # noqa: E402
+from datamodels.evaluate import evaluate_run, lds_report, read_eval  # noqa: E402
 from datamodels.fit import RowView, fit_run, usable_rows  # noqa: E402
 from datamodels.solver import fit_lasso  # noqa: E402
 from datamodels.store import RunStore  # noqa: E402
@@ -42,17 +41,17 @@ def main():
     print(header())
     collect(cfg, args.run, progress=True)
     store = RunStore.open(args.run)
-    if not (store.path / "datamodels" / "zarr.json").is_file():
+    if "datamodels" not in store.group:
         fit_run(args.run, cfg.fit)  # evaluate_run needs a fit; the curve below refits per M
     evaluate_run(args.run, masks=args.masks, repeats=args.repeats, progress=True)
-    g = zarr.open_group(str(store.path / "eval"))
-    e_masks = np.asarray(g["masks"][: args.masks]).astype(np.float32)
-    actual = np.asarray(g["test_margins"][: args.masks, : args.repeats])
+    e_masks, actual = read_eval(RunStore.open(args.run), args.masks, args.repeats)
+    e_masks = e_masks.astype(np.float32)
     rows, _ = usable_rows(store, "test")
+    models = store.models_table().group
     fc = cfg.fit
     device = "cpu" if fc.device == "auto" else fc.device
 
-    print(f"\nrun {args.run}: N={store.group['masks'].shape[1]}, T={actual.shape[2]}, "
+    print(f"\nrun {args.run}: N={store.dims['N']}, T={actual.shape[2]}, "
           f"E={args.masks} masks x R={args.repeats} repeats; fit: {fc.n_lambdas} lambdas, eps={fc.eps}, "
           f"val share {fc.val_fraction}, backend {fc.backend} on {device}")
     print(f"{'M':>6}{'LDS':>8}{'Pearson':>9}{'ceiling':>9}{'mean nnz':>10}{'fit s':>8}")
@@ -62,7 +61,7 @@ def main():
             continue
         sel = rows[:m]
         t0 = time.perf_counter()
-        fit = fit_lasso(RowView([store.group["masks"]], sel), RowView([store.group["test_margins"]], sel),
+        fit = fit_lasso(RowView([models["masks"]], sel), RowView([models["test_margins"]], sel),
                         n_lambdas=fc.n_lambdas, eps=fc.eps, val_fraction=fc.val_fraction, seed=cfg.seed,
                         backend=fc.backend, device=device, dtype=fc.dtype, block_rows=fc.block_rows, tol=fc.tol,
                         patience=fc.patience)

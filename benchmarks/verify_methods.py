@@ -38,7 +38,7 @@ def main():
     args = ap.parse_args()
     print(header())
     store = RunStore.open(args.run)
-    est = read_brittleness(store) if (store.path / "brittleness" / "zarr.json").is_file() else None
+    est = read_brittleness(store) if "brittleness" in store.group else None
     if est is None or "pending" in set(np.asarray(est["status"]).tolist()):
         brittleness(args.run, progress=True)
     targets = sample_targets(RunStore.open(args.run), args.targets)

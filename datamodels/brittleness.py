@@ -13,24 +13,18 @@ datamodel's extrapolation ``bias + sum(w)``: the datamodel is fitted on alpha = 
 its extrapolation to alpha = 1 is biased (docs/brittleness.md). The datamodel supplies only the
 removal effect.
 
-Layout of ``RUN/brittleness/`` (T targets, C thresholds, F full models, K classes, D features)::
+Layout of ``RUN/brittleness/`` (T targets, C thresholds)::
 
     brittleness/   attrs: thresholds, flip_effect, flip_label, flip_class, max_k, status_codes,
-                          datamodels (the fit's `created`), updated
+                          full_models, datamodels (the fit's `created`), updated
       status       (T,)   int8    codes in attrs["status_codes"]: pending, estimated,
                                   misclassified (B_x <= 0), unreachable (no C reached)
       baseline     (T,)   float32 B_x, mean margin of the full-set models
       k_remove     (T, C) int32   smallest k with predicted margin <= C; -1 = not within max_k
       k_flip       (T, C) int32   the same for label flips
-      full/        attrs: domain
-        test_margins  (F, T)    float32
-        test_logits   (F, T, K) float32   (runner-up class of each target)
-        test_features (F, T, D) float16   penultimate layer (representation baseline)
-        train_features(F, N, D) float16
-        seconds (F,) float32, complete (F,) bool   (complete written last)
 
-The full-set models are trained through :func:`datamodels.cluster.run_tasks`; the actors
-return arrays and the driver writes them as each task finishes, so there is one writer.
+The full-set models come from :mod:`datamodels.fullset`, rankings from
+:mod:`datamodels.baselines`, the CDF report from :mod:`datamodels.reports`.
 """
 
 from __future__ import annotations
@@ -43,50 +37,37 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 import zarr
 
+from datamodels.baselines import baseline_ranking, pixels, rank_examples
 from datamodels.config import RunConfig
-from datamodels.data import Dataset, load_dataset
+from datamodels.data import Dataset
 from datamodels.errors import ConfigError, StoreError
+from datamodels.fullset import FullModels, full_models, train_full_models
+from datamodels.reports import summarize, write_cdf
+from datamodels.storage import Location
 from datamodels.store import RunStore
-from datamodels.train import (_autocast, _normalise, eval_options, margin_from_logits, resolve_device, train_on,
-                              training_seed)
 
 __all__ = [
-    "FULL_DOMAIN",
-    "BASELINE_DOMAIN",
     "FLIP_DOMAIN",
-    "METHODS",
     "STATUS",
     "FLIP_RULES",
     "target_datamodels",
     "parse_targets",
-    "rank_examples",
     "estimate_k",
     "class_ranking",
     "flip_labels",
-    "baseline_ranking",
-    "train_full_model",
-    "train_full_models",
-    "full_models",
     "Analysis",
     "brittleness",
     "read_brittleness",
-    "cdf_table",
-    "write_cdf",
-    "summarize",
 ]
 
 log = logging.getLogger(__name__)
 
 # Distinct seed domains: (run seed, domain, ...) never collides with training's (run seed, i)
-# or evaluation's (run seed, 1_000_001, ...).
-FULL_DOMAIN = 1_000_002
-BASELINE_DOMAIN = 1_000_004  # random-baseline rankings
+# or the other stages' (datamodels.evaluate, .fullset, .baselines, .verify).
 FLIP_DOMAIN = 1_000_005  # random flip labels
 
-METHODS = ("datamodel", "representation", "pixel", "random")
 FLIP_RULES = ("runner-up", "random", "fixed")
 STATUS = ("pending", "estimated", "misclassified", "unreachable")
 _CODE = {s: i for i, s in enumerate(STATUS)}
@@ -103,10 +84,10 @@ def target_datamodels(store: RunStore) -> tuple[np.ndarray, np.ndarray]:
     from datamodels.fit import load_datamodels
 
     weight, bias, _ = load_datamodels(store)
-    t = int(store.group["test_margins"].shape[1])
-    if weight.shape[0] != store.group["masks"].shape[1] or weight.shape[1] < t:
-        raise StoreError(f"{store.path}/datamodels: weight has shape {weight.shape}, expected "
-                         f"(N={store.group['masks'].shape[1]}, at least T={t}); re-run `datamodels fit {store.path}`")
+    n, t = store.dims["N"], store.dims["T"]
+    if weight.shape[0] != n or weight.shape[1] < t:
+        raise StoreError(f"{store.loc}/datamodels: weight has shape {weight.shape}, expected (N={n}, at least "
+                         f"T={t}); re-run `datamodels fit {store.loc}`")
     return weight[:, :t].astype(np.float32), bias[:t].astype(np.float32)
 
 
@@ -141,14 +122,6 @@ def parse_targets(spec: str | Sequence[int] | None, num_targets: int) -> np.ndar
 
 
 # --------------------------------------------------------------------------- science
-
-
-def rank_examples(weight_t: np.ndarray) -> np.ndarray:
-    """Training indices (N,) by datamodel weight, most supportive (largest) first.
-
-    Ties keep index order (a stable sort), so the ranked set of size k is reproducible.
-    """
-    return np.argsort(-np.asarray(weight_t, dtype=np.float64), kind="stable")
 
 
 def estimate_k(weight: np.ndarray, baseline: np.ndarray, thresholds: Sequence[float], *,
@@ -214,164 +187,6 @@ def flip_labels(original: np.ndarray, *, rule: str, num_classes: int, ranking: n
     raise ConfigError(f"brittleness.flip_label: expected one of {list(FLIP_RULES)}, got {rule!r}")
 
 
-def _pixels(x: torch.Tensor) -> np.ndarray:
-    return x.reshape(x.shape[0], -1).numpy().astype(np.float32) / 255.0
-
-
-def baseline_ranking(method: str, target: int, *, train_y: np.ndarray, target_label: int, seed: int,
-                     train_repr: np.ndarray | None = None, target_repr: np.ndarray | None = None) -> np.ndarray:
-    """Training indices of the target's class, ordered by a baseline heuristic.
-
-    "representation"/"pixel": Euclidean distance of ``train_repr`` (N, D) to ``target_repr``
-    (D,) -- penultimate features of the full-set models, or raw pixels -- closest first.
-    "random": a permutation seeded by (run seed, BASELINE_DOMAIN, target).
-    Only examples labelled like the target are candidates: their removal is what can lower the
-    target's margin (removing a near neighbour of another class would raise it).
-    """
-    same = np.flatnonzero(np.asarray(train_y) == target_label)
-    if method == "random":
-        rng = np.random.default_rng(np.random.SeedSequence([seed, BASELINE_DOMAIN, int(target)]))
-        return same[rng.permutation(len(same))]
-    if method in ("representation", "pixel"):
-        d = np.linalg.norm(np.asarray(train_repr[same], dtype=np.float64)
-                           - np.asarray(target_repr, dtype=np.float64)[None], axis=1)
-        return same[np.argsort(d, kind="stable")]
-    raise ConfigError(f"method: expected one of {list(METHODS[1:])} for a baseline, got {method!r}")
-
-
-# --------------------------------------------------------------------------- full-set models
-
-
-@torch.no_grad()
-def _logits_features(model, x, *, mean, std, tta_flip, precision, batch_size=1024):
-    """Logits (B, K) (averaged over the width flip with ``tta_flip``) and penultimate features
-    (B, D) of the unflipped images."""
-    body, head = model.net[:-1], model.net[-1]
-    logits, feats = [], []
-    for a in range(0, x.shape[0], batch_size):
-        xb = _normalise(x[a : a + batch_size], mean, std)
-        with _autocast(xb.device, precision):
-            f = body(xb).float()
-            lg = (head(f) * model.scale_out).float()
-            if tta_flip:
-                lg = 0.5 * (lg + model(xb.flip(-1)).float())
-        logits.append(lg)
-        feats.append(f)
-    return torch.cat(logits), torch.cat(feats)
-
-
-def train_full_model(dataset: Dataset, cfg: RunConfig, f: int, data: Dataset | None = None) -> dict:
-    """Work function: train full-set model ``f`` (all N examples, alpha = 1).
-
-    Its seed derives from (run seed, FULL_DOMAIN, f). ``data`` replaces the actor's dataset
-    (tests with hand-made data). Returns test margins (T,), test logits (T, K) and penultimate
-    features of the test (T, D) and training (N, D) images.
-    """
-    dataset = data if data is not None else dataset
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    model = train_on(dataset, torch.arange(dataset.num_train), cfg,
-                     training_seed(cfg.seed, f, domain=(FULL_DOMAIN,)), device=device)
-    kw = eval_options(dataset, cfg, device)
-    logits, test_f = _logits_features(model, dataset.test_x.to(device), **kw)
-    _, train_f = _logits_features(model, dataset.train_x.to(device), **kw)
-    m = margin_from_logits(logits, dataset.test_y.to(device))
-    return {"f": f, "test_margins": m.cpu().numpy().astype(np.float32),
-            "test_logits": logits.cpu().numpy().astype(np.float32),
-            "test_features": test_f.cpu().numpy().astype(np.float16),
-            "train_features": train_f.cpu().numpy().astype(np.float16),
-            "seconds": time.perf_counter() - t0}
-
-
-def _full_group(store: RunStore, f: int, t: int, k: int, n: int, d: int) -> zarr.Group:
-    g = store.group.require_group("brittleness").require_group("full")
-    shapes = {"test_margins": ((f, t), "float32", np.nan), "test_logits": ((f, t, k), "float32", np.nan),
-              "test_features": ((f, t, d), "float16", 0), "train_features": ((f, n, d), "float16", 0),
-              "seconds": ((f,), "float32", np.nan), "complete": ((f,), "bool", False)}
-    for name, (shape, dtype, fill) in shapes.items():
-        if name not in g:
-            g.create_array(name, shape=shape, chunks=(1,) + shape[1:], dtype=dtype, fill_value=fill)
-        elif g[name].shape[0] < f:
-            g[name].resize((f,) + g[name].shape[1:])
-    g.attrs.update({"domain": FULL_DOMAIN})
-    return g
-
-
-def train_full_models(store: RunStore, cfg: RunConfig, dataset: Dataset, *, data: Dataset | None = None,
-                      address: str | None = None, progress: bool = True) -> list[int]:
-    """Train the full-set models ``brittleness/full`` is missing (F = cfg.brittleness.full_models).
-
-    Resumable: a model counts once its ``complete`` flag is written (after its arrays).
-    Returns the indices trained by this call.
-    """
-    from datamodels import cluster  # Ray stays out of the science
-
-    f_total = cfg.brittleness.full_models
-    d = int(cfg.model.widths[3])
-    g = _full_group(store, f_total, dataset.num_test, dataset.num_classes, dataset.num_train, d)
-    done = np.asarray(g["complete"][:], dtype=bool)
-    missing = [i for i in range(f_total) if not done[i]]
-    if not missing:
-        return []
-    log.info("%s: training %d of %d full-set models", store.path, len(missing), f_total)
-
-    def write(key, res):
-        i = res["f"]
-        for name in ("test_margins", "test_logits", "test_features", "train_features"):
-            g[name][i] = res[name]
-        g["seconds"][i] = np.float32(res["seconds"])
-        g["complete"][i] = True
-
-    tasks = [(("full", i), train_full_model, (cfg, i, data), 1) for i in missing]
-    cluster.run_tasks(tasks, data_cfg=cfg.data, train_cfg=cfg.train, resources=cfg.resources,
-                      address=address, progress=progress, unit="models", desc="full-set models",
-                      on_result=write)
-    return missing
-
-
-@dataclass(frozen=True)
-class FullModels:
-    """What the full-set models measured (F complete models)."""
-
-    test_margins: np.ndarray  # (F, T)
-    test_logits: np.ndarray  # (F, T, K)
-    group: zarr.Group
-
-    @property
-    def baseline(self) -> np.ndarray:
-        """(T,) mean margin B of the full-set models."""
-        return self.test_margins.mean(axis=0)
-
-    @property
-    def accuracy(self) -> np.ndarray:
-        """(T,) fraction of full-set models that classify the target correctly."""
-        return (self.test_margins > 0).mean(axis=0)
-
-    def mean_logits(self) -> np.ndarray:
-        return self.test_logits.mean(axis=0)
-
-    def features(self, which: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """Penultimate features of ``which`` in {"train", "test"}, concatenated over the F
-        models: (rows, F * D) float32 (distance = root of the summed squared distances)."""
-        arr = self.group[f"{which}_features"]
-        done = np.flatnonzero(np.asarray(self.group["complete"][:]))
-        parts = [np.asarray(arr[int(f)][rows], dtype=np.float32) for f in done]
-        return np.concatenate(parts, axis=-1)
-
-
-def full_models(store: RunStore) -> FullModels:
-    """The complete full-set models of ``brittleness/full``; StoreError when there are none."""
-    try:
-        g = store.group["brittleness"]["full"]
-    except KeyError:
-        g = None
-    done = np.flatnonzero(np.asarray(g["complete"][:])) if g is not None else np.array([], int)
-    if len(done) == 0:
-        raise StoreError(f"{store.path} has no full-set models yet; run `datamodels brittleness {store.path}` first")
-    return FullModels(np.asarray(g["test_margins"].get_orthogonal_selection((done,))),
-                      np.asarray(g["test_logits"].get_orthogonal_selection((done,))), g)
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -389,8 +204,8 @@ class Analysis:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, run: str | Path | RunStore, cfg: RunConfig | None = None, *, mode: str = "r") -> "Analysis":
-        store = run if isinstance(run, RunStore) else RunStore.open(run, mode=mode)
+    def open(cls, run: str | Path | Location | RunStore, cfg: RunConfig | None = None) -> "Analysis":
+        store = run if isinstance(run, RunStore) else RunStore.open(run)
         cfg = cfg or store.config
         weight, bias = target_datamodels(store)
         ds = store.group.attrs["dataset"]
@@ -400,9 +215,6 @@ class Analysis:
     @property
     def num_targets(self) -> int:
         return int(self.weight.shape[1])
-
-    def datamodel_ranking(self, target: int) -> np.ndarray:
-        return rank_examples(self.weight[:, target])
 
     def flip_rng(self, target: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.cfg.seed, FLIP_DOMAIN, int(target)]))
@@ -426,9 +238,9 @@ class Analysis:
 
     def ranking(self, target: int, method: str, full: FullModels | None = None,
                 dataset: Dataset | None = None) -> np.ndarray:
-        """Ranked training indices for ``method`` (see :func:`baseline_ranking`)."""
+        """Ranked training indices for ``method`` (see :mod:`datamodels.baselines`)."""
         if method == "datamodel":
-            return self.datamodel_ranking(target)
+            return rank_examples(self.weight[:, target])
         label = int(self.test_y[target])
         kw = dict(train_y=self.train_y, target_label=label, seed=self.cfg.seed)
         if method == "representation":
@@ -439,18 +251,11 @@ class Analysis:
             return baseline_ranking(method, target, train_repr=train_r, target_repr=test_r[target], **kw)
         if method == "pixel":
             if "pixel" not in self._cache:
-                dataset = dataset if dataset is not None else load_dataset(self.cfg.data)
-                self._cache["pixel"] = (_pixels(dataset.train_x), _pixels(dataset.test_x))
+                dataset = self.store.dataset(dataset)
+                self._cache["pixel"] = (pixels(dataset.train_x), pixels(dataset.test_x))
             train_p, test_p = self._cache["pixel"]
             return baseline_ranking(method, target, train_repr=train_p, target_repr=test_p[target], **kw)
         return baseline_ranking(method, target, **kw)
-
-
-def _check_dataset(store: RunStore, dataset: Dataset) -> None:
-    fp = store.group.attrs["dataset"]["fingerprint"]
-    if fp != dataset.fingerprint():
-        raise StoreError(f"{store.path} was trained on other data (dataset fingerprint {fp[:12]}..., "
-                         f"the data given has {dataset.fingerprint()[:12]}...)")
 
 
 def _result_group(store: RunStore, t: int, c: int, attrs: dict) -> zarr.Group:
@@ -471,32 +276,30 @@ def _result_group(store: RunStore, t: int, c: int, attrs: dict) -> zarr.Group:
     return g
 
 
-def brittleness(run: str | Path, *, targets: str | Sequence[int] | None = None, cfg: RunConfig | None = None,
-                dataset: Dataset | None = None, cdf_path: str | Path | None = None,
-                address: str | None = None, progress: bool = True) -> dict:
+def brittleness(run: str | Path | Location, *, targets: str | Sequence[int] | None = None,
+                cfg: RunConfig | None = None, dataset: Dataset | None = None, cdf_path: str | Path | None = None,
+                address: str | None = None, progress: bool = True, takeover: bool = False) -> dict:
     """Estimate removal and flip set sizes for ``targets`` (default: all T) and store them.
 
-    Trains the missing full-set models first (Ray), then writes ``brittleness/`` and the CDF
-    over targets as CSV and PNG (``cdf_path`` without suffix; default next to the store,
-    ``<run>_brittleness_cdf.{csv,png}``). ``cfg`` defaults to the store's config (its
-    brittleness/resources sections may differ; training settings must not). ``dataset``
+    Trains the missing full-set models first, then writes ``brittleness/`` and the CDF
+    over targets as CSV and PNG (``cdf_path``, a local path or URL without suffix; default next
+    to the store, ``<run>_brittleness_cdf.{csv,png}``). ``cfg`` defaults to the store's config
+    (its brittleness/resources sections may differ; training settings must not). ``dataset``
     replaces the configured data (it must be what the run was trained on).
 
     Returns a dict: targets, thresholds, status (names), baseline, k_remove, k_flip (arrays over
-    ``targets``), full_models_trained, cdf (paths) and summary (see :func:`summarize`).
+    ``targets``), full_models_trained, cdf (paths) and summary (see :func:`reports.summarize`).
     """
-    store = RunStore.open(run, mode="r+")
+    store = RunStore.open(run)
     cfg = cfg or store.config
     an = Analysis.open(store, cfg)
     idx = parse_targets(targets, an.num_targets)
-    given = dataset
-    dataset = dataset if dataset is not None else load_dataset(cfg.data)
-    _check_dataset(store, dataset)
+    dataset = store.dataset(dataset)
     bc = cfg.brittleness
     if bc.flip_label == "fixed" and bc.flip_class >= an.num_classes:
         raise ConfigError(f"brittleness.flip_class: expected a class in [0, {an.num_classes}), got {bc.flip_class}")
-    with store.lock():
-        trained = train_full_models(store, cfg, dataset, data=given, address=address, progress=progress)
+    with store.writing(takeover=takeover):
+        trained = train_full_models(store, cfg, dataset, address=address, progress=progress)
         full = full_models(store)
         baseline = full.baseline
         thresholds = [float(c) for c in bc.thresholds]
@@ -508,124 +311,43 @@ def brittleness(run: str | Path, *, targets: str | Sequence[int] | None = None, 
         mis = status == _CODE["misclassified"]
         k_rm[mis] = -1
         k_fl[mis] = -1
-        dm_attrs = dict(store.group["datamodels"].attrs)
+        from datamodels.fit import fit_group
+
+        store.check_claim()
         g = _result_group(store, an.num_targets, len(thresholds), {
             "thresholds": thresholds, "flip_effect": bc.flip_effect, "flip_label": bc.flip_label,
             "flip_class": bc.flip_class, "max_k": bc.max_k if bc.max_k is not None else int(an.weight.shape[0]),
             "status_codes": list(STATUS), "full_models": int(full.test_margins.shape[0]),
-            "datamodels": dm_attrs.get("created"), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "datamodels": fit_group(store).attrs.get("created"), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         g["baseline"][:] = baseline.astype(np.float32)
         sel = (idx,)
         g["status"].set_orthogonal_selection(sel, status)
         g["k_remove"].set_orthogonal_selection(sel + (slice(None),), k_rm)
         g["k_flip"].set_orthogonal_selection(sel + (slice(None),), k_fl)
-    result = {"targets": idx, "thresholds": thresholds, "status": [STATUS[s] for s in status],
+    names = [STATUS[s] for s in status]
+    result = {"targets": idx, "thresholds": thresholds, "status": names,
               "baseline": baseline[idx], "k_remove": k_rm, "k_flip": k_fl, "full_models_trained": trained}
-    result["summary"] = summarize(k_rm, k_fl, status, thresholds)
-    result["cdf"] = write_cdf(k_rm, k_fl, status, thresholds, _cdf_base(store.path, cdf_path))
+    result["summary"] = summarize(k_rm, k_fl, names, thresholds)
+    result["cdf"] = write_cdf(k_rm, k_fl, names, thresholds, _cdf_base(store.loc, cdf_path))
     return result
 
 
-def _cdf_base(run: Path, cdf_path) -> Path:
+def _cdf_base(run: Location, cdf_path) -> str:
     if cdf_path is None:
-        return run.parent / f"{run.name}_brittleness_cdf"
-    p = Path(cdf_path)
-    return p.with_suffix("") if p.suffix in (".csv", ".png") else p
+        return run.sibling(f"{run.name}_brittleness_cdf").url
+    text = str(cdf_path)
+    return text[: -4] if text.endswith((".csv", ".png")) else text
 
 
 def read_brittleness(store: RunStore) -> dict:
     """The stored estimates over all T targets: status (names), baseline, k_remove, k_flip,
     thresholds. Raises StoreError when the brittleness stage has not run."""
     if "brittleness" not in store.group or "k_remove" not in store.group["brittleness"]:
-        raise StoreError(f"{store.path} has no brittleness estimates yet; "
-                         f"run `datamodels brittleness {store.path}` first")
+        raise StoreError(f"{store.loc} has no brittleness estimates yet; "
+                         f"run `datamodels brittleness {store.loc}` first")
     g = store.group["brittleness"]
     codes = list(g.attrs["status_codes"])
     return {"status": [codes[s] for s in np.asarray(g["status"][:])], "baseline": np.asarray(g["baseline"][:]),
             "k_remove": np.asarray(g["k_remove"][:]), "k_flip": np.asarray(g["k_flip"][:]),
             "thresholds": list(g.attrs["thresholds"]), "attrs": dict(g.attrs)}
-
-
-# --------------------------------------------------------------------------- CDF
-
-
-def cdf_table(k: np.ndarray, status: np.ndarray, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Fraction of targets brittle to at most k, for k = 1..max found: (ks (L,), frac (L, C)).
-
-    The denominator is every target the full-set models classify correctly on average
-    (status estimated or unreachable); unreachable targets never count as brittle.
-    """
-    status = np.asarray(status)
-    keep = (status == _CODE["estimated"]) | (status == _CODE["unreachable"])
-    kk = np.asarray(k)[keep]
-    denom = max(1, int(keep.sum()))
-    found = kk[kk > 0]
-    top = int(found.max()) if found.size else 1
-    ks = np.arange(1, top + 1)
-    frac = np.stack([((kk[:, c][None] > 0) & (kk[:, c][None] <= ks[:, None])).sum(axis=1) / denom
-                     for c in range(len(thresholds))], axis=1)
-    return ks, frac
-
-
-def summarize(k_remove: np.ndarray, k_flip: np.ndarray, status: np.ndarray, thresholds: Sequence[float]) -> dict:
-    """Counts and CDF quantiles: for each mode and threshold, the k below which 10/25/50% of the
-    correctly classified targets are brittle (None where fewer targets are brittle at all), and
-    the fraction brittle to at most 1, 10, 100 examples."""
-    status = np.asarray(status)
-    out = {"targets": int(len(status)), **{s: int((status == _CODE[s]).sum()) for s in STATUS[1:]}}
-    keep = (status == _CODE["estimated"]) | (status == _CODE["unreachable"])
-    for mode, k in (("remove", k_remove), ("flip", k_flip)):
-        rows = {}
-        for c, thr in enumerate(thresholds):
-            kk = np.asarray(k)[keep, c].astype(np.float64)
-            kk[kk < 0] = np.inf
-            q = {f"q{int(p * 100)}": (None if not kk.size or not np.isfinite(np.quantile(kk, p, method="higher"))
-                                      else int(np.quantile(kk, p, method="higher"))) for p in (0.1, 0.25, 0.5)}
-            frac = {f"frac_le_{m}": (float((kk <= m).mean()) if kk.size else None) for m in (1, 10, 100)}
-            rows[f"{thr:g}"] = {**q, **frac}
-        out[mode] = rows
-    return out
-
-
-def write_cdf(k_remove: np.ndarray, k_flip: np.ndarray, status: np.ndarray, thresholds: Sequence[float],
-              base: str | Path) -> dict:
-    """Write ``base.csv`` (k, then remove/flip columns per threshold) and ``base.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = Path(base)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    ks_r, fr_r = cdf_table(k_remove, status, thresholds)
-    ks_f, fr_f = cdf_table(k_flip, status, thresholds)
-    top = max(int(ks_r[-1]), int(ks_f[-1]))
-    ks = np.arange(1, top + 1)
-
-    def pad(ks_m, fr):
-        full = np.empty((top, fr.shape[1]))
-        full[: len(ks_m)] = fr
-        full[len(ks_m):] = fr[-1]
-        return full
-
-    table = np.hstack([ks[:, None], pad(ks_r, fr_r), pad(ks_f, fr_f)])
-    header = ",".join(["k"] + [f"remove_C={t:g}" for t in thresholds] + [f"flip_C={t:g}" for t in thresholds])
-    csv = base.with_suffix(".csv")
-    np.savetxt(csv, table, delimiter=",", header=header, comments="", fmt=["%d"] + ["%.6f"] * (table.shape[1] - 1))
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, fr, title in ((axes[0], pad(ks_r, fr_r), "removal"), (axes[1], pad(ks_f, fr_f), "label flip")):
-        for c, thr in enumerate(thresholds):
-            ax.step(ks, fr[:, c], where="post", label=f"C = {thr:g}")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"k (training examples {'removed' if title == 'removal' else 'flipped'})")
-        ax.set_title(f"brittleness to {title} (estimated)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fraction of targets brittle to <= k")
-    axes[1].legend()
-    fig.tight_layout()
-    png = base.with_suffix(".png")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return {"csv": str(csv), "png": str(png)}

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from datamodels.config import RunConfig, load_config
-from datamodels.errors import DatamodelsError
+from datamodels.errors import ClusterError, DatamodelsError
 
 log = logging.getLogger("datamodels")
 
@@ -40,16 +40,25 @@ def _add_config_args(p, *, optional_config: bool):
         p.add_argument("config", help="pipeline YAML, e.g. pipelines/digits.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. train.epochs=8")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address to join (default: $RAY_ADDRESS, else start a local Ray)")
+    add_cluster_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_cluster_args(p, *, takeover: bool = True) -> None:
+    """--address (which cluster) and --takeover (of a run whose driver is gone)."""
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address to join, HOST:PORT (default: $RAY_ADDRESS, else start a local Ray)")
+    if takeover:
+        p.add_argument("--takeover", action="store_true",
+                       help="take over the run from another driver's claim without waiting for it to expire "
+                            "(only when that driver is gone: two drivers must never write one run)")
 
 
 def cmd_train(args) -> int:
     from datamodels.collect import collect
 
     cfg = _load(args)
-    summary = collect(cfg, args.out, address=args.address, progress=not args.no_progress)
+    summary = collect(cfg, args.out, address=args.address, progress=not args.no_progress, takeover=args.takeover)
     _print_status(summary, json_out=False)
     return 0
 
@@ -100,8 +109,9 @@ def cmd_fit(args) -> int:
             sets.append(f"fit.{key}={getattr(args, flag)}")
     from datamodels.cli_analysis import run_config
 
-    cfg = run_config(args.run, sets, settable=("fit.",)).fit
-    summary = fit_run(args.run, cfg, progress=_fit_progress(not args.no_progress))
+    run_cfg = run_config(args.run, sets, settable=("fit.", "resources."))
+    summary = fit_run(args.run, run_cfg.fit, resources=run_cfg.resources, address=args.address,
+                      progress=_fit_progress(not args.no_progress), takeover=args.takeover)
     _print_fit(summary, json_out=args.json)
     return 0
 
@@ -112,7 +122,7 @@ def _print_fit(s: dict, *, json_out: bool) -> None:
         return
     print(f"fit: {s['models_used']} models ({s['n_train']} fit + {s['n_val']} validation), "
           f"{s['models_left_out']} left out (non-finite margins); targets: {s['targets']}; "
-          f"backend {s['fit']['backend']}, {s['seconds']:.1f} s")
+          f"backend {s['fit']['backend']}, {s['seconds']:.1f} s ({'in the driver' if s['ran_on'] == 'driver' else 'as a Ray task'})")
     print(f"  mean non-zeros per datamodel: {s['mean_nnz']:.1f}   mean validation MSE: {s['mean_val_mse']:.4f}")
 
 
@@ -120,7 +130,7 @@ def cmd_evaluate(args) -> int:
     from datamodels.evaluate import evaluate_run
 
     report = evaluate_run(args.run, masks=args.masks, repeats=args.repeats, address=args.address,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, takeover=args.takeover)
     _print_lds(report, json_out=args.json)
     return 0
 
@@ -143,20 +153,23 @@ def cmd_run(args) -> int:
     from datamodels.evaluate import evaluate_run
     from datamodels.fit import fit_run
 
+    from datamodels.storage import Location
+
     cfg = _load(args)
-    out = args.out or str(Path("runs") / cfg.name)
+    out = Location.for_output(args.out or str(Path("runs") / cfg.name))
     progress = not args.no_progress
+    kw = dict(address=args.address, progress=progress, takeover=args.takeover)
     print(f"datamodels run: {cfg.name} -> {out}", file=sys.stderr)
-    summary = collect(cfg, out, address=args.address, progress=progress)
+    summary = collect(cfg, out, **kw)
     _print_status(summary, json_out=False)
-    fit = fit_run(out, cfg.fit, progress=_fit_progress(progress))
+    fit = fit_run(out, cfg.fit, resources=cfg.resources, address=args.address, progress=_fit_progress(progress),
+                  takeover=args.takeover)
     _print_fit(fit, json_out=False)
-    report = evaluate_run(out, masks=cfg.eval.masks, repeats=cfg.eval.repeats, address=args.address,
-                          progress=progress)
+    report = evaluate_run(out, masks=cfg.eval.masks, repeats=cfg.eval.repeats, **kw)
     _print_lds(report, json_out=False)
     from datamodels.cli_analysis import main_job_analysis
 
-    analysis = main_job_analysis(out, cfg, address=args.address, progress=progress)
+    analysis = main_job_analysis(out, cfg, **kw)
     _print_summary(summary, report, analysis)
     return 0
 
@@ -194,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "re-running continues where it stopped.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p, optional_config=True)
-    p.add_argument("--out", default=None, help="run store directory (default: runs/<config name>)")
+    p.add_argument("--out", default=None,
+                   help="run store: a directory (default: runs/<config name>) or a URL (s3://bucket/run, gs://...)")
     p.set_defaults(fn=cmd_run, models=None)
 
     p = sub.add_parser("train", help="train models on random subsets into a run store",
@@ -203,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a larger --models extends the run.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p, optional_config=False)
-    p.add_argument("--out", required=True, help="run store directory (created if missing)")
+    p.add_argument("--out", required=True,
+                   help="run store: a directory or a URL (s3://bucket/run, gs://..., file://...); created if missing")
     p.add_argument("--models", type=int, default=None, help="models M to have in total (collect.models)")
     p.set_defaults(fn=cmd_train)
 
@@ -215,13 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "once the new one is complete.",
                        epilog="Other fit keys: --set fit.n_lambdas=60 --set fit.eps=1e-4 --set fit.val_fraction=0.2",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run store directory")
+    p.add_argument("run", help="run store (directory or URL)")
     p.add_argument("--targets", choices=["test", "test+train"], default=None,
                    help="test targets (default) or training examples too")
     p.add_argument("--backend", choices=["torch", "sklearn"], default=None,
                    help="torch: all targets at once (default); sklearn: per-target reference loop")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None)
-    p.add_argument("--set", action="append", default=[], metavar="fit.KEY=VALUE", help="override a fit key")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a fit.* or resources.* key, e.g. resources.fit_on=cluster")
+    add_cluster_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_fit)
@@ -231,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fitting) and report the LDS: per target, the Spearman correlation "
                                    "between predicted and actual (repeat-averaged) margins across the E "
                                    "masks, averaged over targets; with Pearson, MSE and the noise ceiling.")
-    p.add_argument("run", help="run store directory (fitted)")
+    p.add_argument("run", help="run store (directory or URL), fitted")
     p.add_argument("--masks", type=int, default=None, help="evaluation masks E (default: the run's eval.masks)")
     p.add_argument("--repeats", type=int, default=None, help="models R per mask (default: eval.repeats)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    add_cluster_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_evaluate)
@@ -244,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)
 
     p = sub.add_parser("status", help="how far a run is", description="Summarise a run store.")
-    p.add_argument("run", help="run store directory")
+    p.add_argument("run", help="run store (directory or URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_status)
     return parser
@@ -257,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
+    except ClusterError as e:  # the work could not run: exit 1, nothing written is lost
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (DatamodelsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

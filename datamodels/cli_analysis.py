@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import textwrap
 
 import numpy as np
@@ -49,12 +48,13 @@ def _jsonable(x):
 
 
 def _common(p, *, ray: bool = True):
-    p.add_argument("run", help="run store directory (trained and fitted)")
+    from datamodels.cli import add_cluster_args
+
+    p.add_argument("run", help="run store (directory or URL), trained and fitted")
     if ray:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a brittleness.*, verify.* or resources.* key (repeatable)")
-        p.add_argument("--address", default=None,
-                       help="Ray cluster address to join (default: $RAY_ADDRESS, else start a local Ray)")
+        add_cluster_args(p)
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
@@ -70,7 +70,7 @@ def cmd_brittleness(args) -> int:
         sets.append(f"brittleness.full_models={args.full_models}")
     cfg = run_config(args.run, sets)
     res = brittleness(args.run, targets=args.targets, cfg=cfg, cdf_path=args.cdf, address=args.address,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, takeover=args.takeover)
     if args.json:
         print(json.dumps(_jsonable({k: res[k] for k in ("targets", "thresholds", "status", "baseline", "k_remove",
                                                           "k_flip", "summary", "cdf")}), indent=2))
@@ -110,7 +110,7 @@ def cmd_verify(args) -> int:
     if not len(targets):
         raise ConfigError("verify: no target to verify (no target has an estimate)")
     out = verify(args.run, targets, mode=args.mode, method=args.method, models=args.models, rounds=args.rounds,
-                 cfg=cfg, address=args.address, progress=not args.no_progress)
+                 cfg=cfg, address=args.address, progress=not args.no_progress, takeover=args.takeover)
     if args.json:
         print(json.dumps(_jsonable({"results": out["results"], "summary": out["summary"],
                                     "trained": len(out["trained"])}), indent=2))
@@ -178,8 +178,8 @@ def _print_query(r: dict) -> None:
 # --------------------------------------------------------------------------- main job
 
 
-def main_job_analysis(run: str, cfg, *, address: str | None = None, progress: bool = True,
-                      modes: tuple[str, ...] = ("remove",), json_out: bool = False) -> dict:
+def main_job_analysis(run, cfg, *, address: str | None = None, progress: bool = True,
+                      modes: tuple[str, ...] = ("remove",), json_out: bool = False, takeover: bool = False) -> dict:
     """The end of `datamodels run`: brittleness for all targets, then verification of
     ``cfg.verify.targets`` targets sampled among those with an estimate (method
     ``cfg.verify.method``, K = ``cfg.verify.models``, ``cfg.verify.rounds`` checks each), for each
@@ -190,7 +190,7 @@ def main_job_analysis(run: str, cfg, *, address: str | None = None, progress: bo
     from datamodels.store import RunStore
     from datamodels.verify import sample_targets, verify
 
-    res = brittleness(run, cfg=cfg, address=address, progress=progress)
+    res = brittleness(run, cfg=cfg, address=address, progress=progress, takeover=takeover)
     if not json_out:
         _print_brittleness(res)
     out = {"brittleness": {"summary": res["summary"], "cdf": res["cdf"]}, "verify": {}}
@@ -199,7 +199,7 @@ def main_job_analysis(run: str, cfg, *, address: str | None = None, progress: bo
         if not targets:
             out["verify"][mode] = {"checked": 0, "verified": 0, "rate": None, "skipped": 0}
             continue
-        v = verify(run, targets, mode, cfg=cfg, address=address, progress=progress)
+        v = verify(run, targets, mode, cfg=cfg, address=address, progress=progress, takeover=takeover)
         out["verify"][mode] = v["summary"]
         if not json_out:
             s = v["summary"]
@@ -276,24 +276,3 @@ def add_parsers(sub) -> None:
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="write an image grid (target, top supporters, top opposers) to PATH (png)")
     p.set_defaults(fn=cmd_query)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (tests): the three subcommands without the main parser."""
-    import logging
-
-    from datamodels.errors import DatamodelsError
-
-    parser = argparse.ArgumentParser(prog="datamodels")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.fn(args)
-    except (DatamodelsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

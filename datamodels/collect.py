@@ -1,79 +1,64 @@
-"""Collect stage: train the models a run is missing and write them into its store.
+"""Collect stage: train the models a run is missing, M of them on random alpha-subsets.
 
-``train_block`` is the plain unit of work (no Ray): a Ray actor, a test or a notebook calls it
-the same way. ``collect`` is the driver: it validates, creates or extends the store, and hands
-blocks to :mod:`datamodels.cluster`.
+Model i is the spec :func:`collect_spec` (cfg, i): its mask and training seed derive from
+(run seed, i). ``collect`` validates, claims the run, creates or extends the store, and hands
+the specs of models 0..M-1 to :func:`datamodels.runner.run_specs`, which trains only the rows
+that are not complete and writes them in the driver.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 from pathlib import Path
-from typing import Callable
 
+from datamodels.claim import DriverClaim
 from datamodels.config import RunConfig
-from datamodels.data import Dataset, load_dataset
-from datamodels.store import RunStore
-from datamodels.train import train_model
+from datamodels.data import load_dataset
+from datamodels.runner import run_specs
+from datamodels.specs import ModelSpec, Subset
+from datamodels.storage import Location
+from datamodels.store import COLLECT_OUTPUTS, RunStore
+from datamodels.train import training_seed
 
-__all__ = ["train_block", "collect", "CollectSummary"]
+__all__ = ["collect_spec", "collect", "CollectSummary"]
 
 log = logging.getLogger(__name__)
 
 
-def train_block(dataset: Dataset, cfg: RunConfig, store_path: str, indices: list[int], *,
-                after_array: Callable[[str], None] | None = None) -> list[dict]:
-    """Train and write every model of ``indices`` that is not complete in the store yet.
-
-    Idempotent: a retried block skips rows a previous attempt completed. Returns one small
-    summary per model trained here (index, seconds, test accuracy).
-    """
-    store = RunStore.open(store_path, mode="r+")
-    done = store.complete_mask()
-    out = []
-    for i in indices:
-        if done[i]:
-            continue
-        result = train_model(dataset, cfg, i)
-        store.write_result(result, after_array=after_array)
-        summary = {"model": i, "seconds": round(result.seconds, 4),
-                   "test_accuracy": result.test_accuracy, "host": socket.gethostname()}
-        store.log_event({"event": "complete", **summary})
-        out.append(summary)
-    return out
+def collect_spec(cfg: RunConfig, i: int) -> ModelSpec:
+    """Model ``i`` of a run: round(alpha N) examples drawn from (seed, i), seed from (seed, i)."""
+    return ModelSpec(key=(int(i),), seed=training_seed(cfg.seed, int(i)),
+                     subset=Subset.random((cfg.seed, int(i)), cfg.collect.alpha), outputs=COLLECT_OUTPUTS)
 
 
 class CollectSummary(dict):
-    """status() of the store after collecting, plus ``trained`` (indices trained this call)."""
+    """status() of the store after collecting, plus ``trained`` (indices trained this call),
+    ``retried`` (units retried after a worker died) and ``by_node`` (models per node)."""
 
 
-def collect(cfg: RunConfig, out: str | Path, *, address: str | None = None,
-            progress: bool = True) -> CollectSummary:
+def collect(cfg: RunConfig, out: str | Path | Location, *, address: str | None = None, progress: bool = True,
+            takeover: bool = False) -> CollectSummary:
     """Train until the store at ``out`` holds ``cfg.collect.models`` complete models.
 
     Everything is checked before anything is written: config (already validated), dataset
-    (must load), store (compatible config, writable path). Re-running trains only what is
-    missing; asking for more models extends the run.
+    (must load), store (compatible config, writable), cluster (reachable). Re-running trains
+    only what is missing; asking for more models extends the run.
     """
-    from datamodels import cluster  # Ray stays out of the science modules
-
+    loc = out if isinstance(out, Location) else Location.for_output(out)
     dataset = load_dataset(cfg.data)
-    RunStore.prepare(out, cfg, dataset)
-    store = RunStore.create(out, cfg, dataset)
-    with store.lock():
-        missing = store.missing(cfg.collect.models)
-        blocks = store.blocks(missing)
-        log.info("%s: %d of %d models missing, %d blocks", out, len(missing), cfg.collect.models, len(blocks))
-        trained: list[int] = []
-        if blocks:
-            tasks = [(tuple(b), train_block, (cfg, str(store.path), b), len(b)) for b in blocks]
-            results = cluster.run_tasks(
-                tasks, data_cfg=cfg.data, train_cfg=cfg.train, resources=cfg.resources,
-                address=address, progress=progress, unit="models", desc="train",
-            )
-            for res in results.values():
-                trained += [r["model"] for r in res]
+    RunStore.prepare(loc, cfg, dataset)
+    if cfg.resources.executor == "ray":
+        from datamodels import cluster
+
+        cluster.connect(address)  # an unreachable cluster fails here, before the store exists
+    with DriverClaim(loc, takeover=takeover) as claim:
+        store = RunStore.create(loc, cfg, dataset, claim=claim)
+        table = store.models_table()
+        specs = [collect_spec(cfg, i) for i in range(cfg.collect.models)]
+        run = run_specs(store, table, specs, cfg=cfg, dataset=dataset, address=address, progress=progress,
+                        desc="train")
         summary = CollectSummary(store.status())
-        summary["trained"] = sorted(trained)
-        return summary
+    summary["trained"] = sorted(k[0] for k in run.trained)
+    summary["retried"] = run.retried
+    summary["by_node"] = dict(run.by_node)
+    return summary

@@ -203,13 +203,29 @@ class VerifyConfig:
 class ResourcesConfig:
     """Where the work runs. None of this changes results, so it may differ between sessions."""
 
+    executor: str = field(
+        default="ray", metadata=_choice("ray", "local", help="ray: an actor pool (embedded Ray, or the cluster at "
+                                                             "--address); local: this process, one model at a time"))
     workers: int | None = field(
-        default=None, metadata=_range(1, None, help="training actors (default: one per CPU, or per GPU share)")
+        default=None, metadata=_range(1, None, help="most training actors at once (default: as many as the "
+                                                    "cluster's resources allow; grows as nodes join)")
     )
     cpus_per_worker: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     gpus_per_worker: float = field(default=0.0, metadata=_range(0, 1, help="fractional GPUs per actor"))
     in_flight_per_worker: int = field(default=2, metadata=_range(1, None))
     max_retries: int = field(default=3, metadata=_range(0, None, help="retries of a block whose worker died"))
+    wait_timeout: float = field(
+        default=300.0, metadata=_range(0, None, lo_open=True,
+                                       help="seconds with no worker able to run before giving up, naming the "
+                                            "missing resources"))
+    fit_on: str = field(
+        default="auto", metadata=_choice("auto", "driver", "cluster",
+                                         help="where fit runs: cluster = a Ray task with fit_cpus/fit_gpus/"
+                                              "fit_memory_gb; auto = cluster when joined to one and the store is "
+                                              "a URL, else the driver"))
+    fit_cpus: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    fit_gpus: float = field(default=0.0, metadata=_range(0, None))
+    fit_memory_gb: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
-"""Typed errors raised at the boundaries (config, data, store). Each message says what was
-expected, what was found, and where."""
+"""Typed errors raised at the boundaries (config, data, store, cluster). Each message says what
+was expected, what was found, where, and how to fix it.
+
+Bad input (ConfigError, DataError, StoreError) makes the command exit 2; a failure while
+running (ClusterError: lost nodes, missing resources, a dead local Ray) exits 1.
+"""
 
 
 class DatamodelsError(Exception):
@@ -15,4 +19,11 @@ class DataError(DatamodelsError, FileNotFoundError):
 
 
 class StoreError(DatamodelsError):
-    """A run store cannot be created or opened as asked (incompatible config, unwritable, locked)."""
+    """A run store cannot be created or opened as asked (incompatible config, unwritable, claimed)."""
+
+
+class ClusterError(DatamodelsError):
+    """The work could not run: the cluster is unreachable, lost, or lacks the resources asked for.
+
+    Nothing written is lost: re-running the same command continues where it stopped.
+    """

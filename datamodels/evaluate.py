@@ -1,17 +1,15 @@
 """Evaluate stage: the linear datamodeling score (LDS) on held-out models.
 
-E fresh masks (never used for fitting), each trained R times with different training seeds,
-stored in the run's ``eval/`` group::
+E fresh masks (never used for fitting), each trained R times with different training seeds.
+Evaluation model (e, r) is the spec :func:`eval_spec`: its mask is keyed by
+(run seed, EVAL_DOMAIN, e) and its training seed by (run seed, EVAL_DOMAIN, e, r), disjoint
+from the training models' (run seed, i). They live in the run's ``eval/`` group::
 
-    eval/   attrs: masks E, repeats R, report (the last LDS report)
-      masks         (E, N) bool
-      test_margins  (E, R, T) float32
-      complete      (E, R) bool
+    eval/        attrs: report (the last LDS report)
+      models/    a model table (datamodels.table), key (e, r), output test_margins (T,)
+      per_target_lds (T,) float32
 
-The driver writes results as they come back (actors return small arrays), so there is one
-writer and no chunk is ever shared. The mask of evaluation model e is keyed by
-(run seed, EVAL_DOMAIN, e) and its r-th training seed by (run seed, EVAL_DOMAIN, e, r):
-disjoint from the training models' (run seed, i).
+More masks or repeats add rows; re-running trains only what is missing.
 
 LDS (Ilyas et al., 2022): per target, the Spearman correlation across the E masks between the
 datamodel's predicted margin and the actual margin averaged over the R repeats; averaged over
@@ -27,16 +25,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import zarr
 from scipy.stats import rankdata
 
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
+from datamodels.runner import run_specs
+from datamodels.specs import ModelSpec, Subset
+from datamodels.storage import Location
 from datamodels.store import RunStore
-from datamodels.train import eval_options, margins, resolve_device, subset_mask, train_on, training_seed
+from datamodels.train import subset_mask, training_seed
 
-__all__ = ["EVAL_DOMAIN", "lds_report", "train_eval_models", "evaluate_run", "eval_mask"]
+__all__ = ["EVAL_DOMAIN", "lds_report", "eval_spec", "evaluate_run", "read_eval", "eval_mask"]
 
 log = logging.getLogger(__name__)
 EVAL_DOMAIN = 1_000_001
@@ -46,18 +45,11 @@ def eval_mask(cfg: RunConfig, e: int, n: int) -> np.ndarray:
     return subset_mask(cfg.seed, e, n, cfg.collect.alpha, domain=(EVAL_DOMAIN,))
 
 
-def train_eval_models(dataset: Dataset, cfg: RunConfig, items: list[tuple[int, int]]) -> list[tuple]:
-    """Work function: train evaluation models (e, r); return [(e, r, test margins (T,))]."""
-    device = resolve_device(cfg.train.device)
-    out = []
-    for e, r in items:
-        mask = eval_mask(cfg, e, dataset.num_train)
-        model = train_on(dataset, torch.from_numpy(np.flatnonzero(mask)), cfg,
-                         training_seed(cfg.seed, r, domain=(EVAL_DOMAIN, e)), device=device)
-        m = margins(model, dataset.test_x.to(device), dataset.test_y.to(device),
-                    **eval_options(dataset, cfg, device))
-        out.append((e, r, m.float().cpu().numpy()))
-    return out
+def eval_spec(cfg: RunConfig, e: int, r: int) -> ModelSpec:
+    """Evaluation model (e, r): mask e (shared by its R repeats), training seed (e, r)."""
+    return ModelSpec(key=(int(e), int(r)), seed=training_seed(cfg.seed, int(r), domain=(EVAL_DOMAIN, int(e))),
+                     subset=Subset.random((cfg.seed, EVAL_DOMAIN, int(e)), cfg.collect.alpha),
+                     outputs=("test_margins",))
 
 
 def _spearman_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -113,71 +105,50 @@ def lds_report(pred: np.ndarray, actual: np.ndarray) -> dict:
     return report
 
 
-def _open_eval(store: RunStore, cfg: RunConfig, n: int, t: int) -> zarr.Group:
-    e, r = cfg.eval.masks, cfg.eval.repeats
-    path = store.path / "eval"
-    if (path / "zarr.json").is_file():
-        g = zarr.open_group(str(path), mode="r+")
-        old_e, old_r = g["complete"].shape
-        e, r = max(e, old_e), max(r, old_r)
-        if (e, r) != (old_e, old_r):  # more masks or repeats: grow, keeping what exists
-            g["masks"].resize((e, n))
-            g["test_margins"].resize((e, r, t))
-            g["complete"].resize((e, r))
-            g.attrs.update({"masks": e, "repeats": r})
-        return g
-    g = zarr.open_group(str(path), mode="w")
-    g.create_array("masks", shape=(e, n), chunks=(e, n), dtype=bool, fill_value=False)
-    g.create_array("test_margins", shape=(e, r, t), chunks=(e, r, t), dtype="float32", fill_value=np.nan)
-    g.create_array("complete", shape=(e, r), chunks=(e, r), dtype=bool, fill_value=False)
-    g.attrs.update({"masks": e, "repeats": r, "domain": EVAL_DOMAIN})
-    return g
+def read_eval(store: RunStore, masks: int, repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``masks`` evaluation masks (E, N) bool and their margins (E, R, T); KeyError
+    when a model (e, r) is not in the store, StoreError when one is not complete."""
+    from datamodels.errors import StoreError
+    from datamodels.table import ModelTable
+
+    table = ModelTable(store.group["eval"]["models"])
+    keys = [(e, r) for e in range(masks) for r in range(repeats)]
+    rows = table.rows_of(keys)  # e-major: the rows of (e, 0..R-1) are adjacent
+    if not table.complete_mask()[rows].all():
+        raise StoreError(f"{store.loc}: evaluation models missing; run `datamodels evaluate {store.loc} "
+                         f"--masks {masks} --repeats {repeats}`")
+    return table.read("masks", rows[::repeats]), table.read("test_margins", rows).reshape(masks, repeats, -1)
 
 
-def evaluate_run(run: str | Path, *, masks: int | None = None, repeats: int | None = None,
-                 address: str | None = None, progress: bool = True) -> dict:
+def evaluate_run(run: str | Path | Location, *, masks: int | None = None, repeats: int | None = None,
+                 address: str | None = None, progress: bool = True, takeover: bool = False,
+                 dataset: Dataset | None = None) -> dict:
     """Train the missing evaluation models (E masks x R repeats, default from the run's eval
     config), then report the LDS of the run's fitted datamodels on them. Resumable."""
-    from datamodels import cluster
     from datamodels.config import EvalConfig, config_from_dict
     from datamodels.fit import load_datamodels
 
-    store = RunStore.open(run, mode="r+")
+    store = RunStore.open(run)
     cfg = store.config
     cfg = cfg.replace(eval=config_from_dict(
         EvalConfig, {"masks": masks or cfg.eval.masks, "repeats": repeats or cfg.eval.repeats},
         source="evaluate", prefix="eval."))
     weight, bias, attrs = load_datamodels(store)  # fail before training if nothing is fitted
-    ds_info = store.group.attrs["dataset"]
-    n, t = ds_info["num_train"], ds_info["num_test"]
-    g = _open_eval(store, cfg, n, t)
+    dataset = store.dataset(dataset)
+    t = store.dims["T"]
     e_n, r_n = cfg.eval.masks, cfg.eval.repeats
-    with store.lock():
-        done = np.asarray(g["complete"][:e_n, :r_n])
-        todo = [(e, r) for e in range(e_n) for r in range(r_n) if not done[e, r]]
-        if todo:
-            step = max(1, store.block_size)
-            tasks = [(("eval", a), train_eval_models, (cfg, todo[a : a + step]), len(todo[a : a + step]))
-                     for a in range(0, len(todo), step)]
-
-            def write(_key, res):
-                for e, r, m in res:
-                    g["masks"][e] = eval_mask(cfg, e, n)
-                    g["test_margins"][e, r] = m
-                    g["complete"][e, r] = True  # last: the flag claims only what is written
-
-            cluster.run_tasks(tasks, data_cfg=cfg.data, train_cfg=cfg.train, resources=cfg.resources,
-                              address=address, progress=progress, unit="models", desc="eval",
-                              on_result=write)
-    masks = np.asarray(g["masks"][:e_n])
-    actual = np.asarray(g["test_margins"][:e_n, :r_n])
-    pred = bias[None, :t] + masks.astype(np.float32) @ weight[:, :t]
-    report = lds_report(pred, actual)
-    per_target = report.pop("per_target_lds")
-    g.attrs["report"] = {**report, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                         "models_used_for_fit": attrs.get("models_used")}
-    if "per_target_lds" in g:
-        del g["per_target_lds"]
-    g.create_array("per_target_lds", data=per_target.astype(np.float32))
+    specs = [eval_spec(cfg, e, r) for e in range(e_n) for r in range(r_n)]
+    with store.writing(takeover=takeover):
+        table = store.table("eval/models", key_names=["e", "r"], outputs=["test_margins"],
+                            rows_per_chunk=store.block_size)
+        run_specs(store, table, specs, cfg=cfg, dataset=dataset, address=address, progress=progress, desc="eval")
+        masks_e, actual = read_eval(store, e_n, r_n)
+        pred = bias[None, :t] + masks_e.astype(np.float32) @ weight[:, :t]
+        report = lds_report(pred, actual)
+        per_target = report.pop("per_target_lds")
+        g = store.group["eval"]
+        g.attrs["report"] = {**report, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "models_used_for_fit": attrs.get("models_used")}
+        g.create_array("per_target_lds", data=per_target.astype(np.float32), overwrite=True)
     report["models_used_for_fit"] = attrs.get("models_used")
     return report

@@ -1,24 +1,34 @@
 """Fit stage: one sparse linear datamodel per target from a run's masks and margins.
 
-Reads the complete rows of the store, leaves out models whose margins are NaN or infinite
-(diverged training; counted and reported), and calls :func:`datamodels.solver.fit_lasso`,
-which streams the masks in row blocks. The result goes to the run's ``datamodels/`` group::
+Reads the complete rows of the collect table, leaves out models whose margins are NaN or
+infinite (diverged training; counted and reported), and calls
+:func:`datamodels.solver.fit_lasso`, which streams the masks in row blocks.
 
-    datamodels/   attrs: fit config, targets, models used, models left out, seconds
-      weight   (N, T') float32   raw mask units: prediction = bias + mask @ weight
-      bias     (T',)   lam (T',)   val_mse (T',)   nnz (T',)
-      lambdas  (L, T')  val_mse_path (L, T')
-      rows     (M',) int64        the store rows the fit used
+Where it runs (``resources.fit_on``): in the driver, or as a Ray task on a cluster node with
+``resources.fit_cpus/fit_gpus/fit_memory_gb`` (the GPU node, not a CPU-only head). A remote fit
+reads the store itself (it must be at a URL or on storage that node mounts) and returns the
+arrays; the driver writes them.
+
+The result goes to the run's ``datamodels/`` group::
+
+    datamodels/           attrs: current = the id of the fit later stages read
+      <fit id>/           attrs: fit config, targets, models used, models left out, seconds
+        weight   (N, T') float32   raw mask units: prediction = bias + mask @ weight
+        bias     (T',)   lam (T',)   val_mse (T',)   nnz (T',)
+        lambdas  (L, T')  val_mse_path (L, T')
+        rows     (M',) int64        the collect rows the fit used
 
 T' = T test targets, or T + N with ``fit.targets: test+train`` (test columns first). A new fit
-is written beside the old one and swapped in only once complete.
+is written completely under a new id, then ``current`` is switched to it (one small write),
+then the old fit is deleted: readers see the old fit or the new one, never a part.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -26,12 +36,13 @@ from typing import Callable
 import numpy as np
 import zarr
 
-from datamodels.config import FitConfig
+from datamodels.config import FitConfig, ResourcesConfig
 from datamodels.errors import StoreError
 from datamodels.solver import LassoFit, fit_lasso
+from datamodels.storage import Location
 from datamodels.store import RunStore
 
-__all__ = ["fit_run", "load_datamodels", "RowView", "usable_rows"]
+__all__ = ["fit_run", "fit_arrays", "save_datamodels", "load_datamodels", "fit_group", "RowView", "usable_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +71,10 @@ class RowView:
 
 
 def _margin_arrays(store: RunStore, targets: str):
-    arrays = [store.group["test_margins"]]
+    g = store.models_table().group
+    arrays = [g["test_margins"]]
     if targets == "test+train":
-        arrays.append(store.group["train_margins"])
+        arrays.append(g["train_margins"])
     return arrays
 
 
@@ -76,16 +88,51 @@ def usable_rows(store: RunStore, targets: str = "test", block: int = 4096) -> tu
     return complete[keep], int((~keep).sum())
 
 
-def fit_run(run: str | Path, cfg: FitConfig | None = None, *,
-            progress: Callable[[int, int], None] | None = None) -> dict:
+def fit_arrays(where: str | Location, rows: np.ndarray, cfg: FitConfig, seed: int, *,
+               progress: Callable[[int, int], None] | None = None) -> LassoFit:
+    """The numerics of the stage: open the run at ``where`` read-only and fit ``rows``.
+
+    A plain function, so it runs the same in the driver and as a Ray task on another node.
+    """
+    try:
+        store = RunStore.open(where)
+    except StoreError as e:
+        raise StoreError(f"fit on {os.uname().nodename}: {e}. A store on a local path is visible only to "
+                         "machines that mount it: put it on shared storage or a bucket (s3://...), or set "
+                         "resources.fit_on=driver") from None
+    device = cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    X = RowView([store.models_table().group["masks"]], rows)
+    Y = RowView(_margin_arrays(store, cfg.targets), rows)
+    return fit_lasso(
+        X, Y, n_lambdas=cfg.n_lambdas, eps=cfg.eps, val_fraction=cfg.val_fraction, seed=seed,
+        backend=cfg.backend, device=device, dtype=cfg.dtype, block_rows=cfg.block_rows, tol=cfg.tol,
+        patience=cfg.patience, progress=progress,
+    )
+
+
+def _where(resources: ResourcesConfig, store: RunStore, address: str | None) -> str:
+    if resources.fit_on != "auto":
+        return resources.fit_on
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    return "cluster" if joined and not store.loc.local else "driver"
+
+
+def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
+            progress: Callable[[int, int], None] | None = None, resources: ResourcesConfig | None = None,
+            address: str | None = None, takeover: bool = False) -> dict:
     """Fit datamodels for a run and store them; return a summary.
 
     Raises StoreError when the run has fewer usable models than ``cfg.min_models`` (saying
-    how many exist and how many are needed).
+    how many exist and how many are needed), before anything is computed.
     """
-    store = RunStore.open(run, mode="r+")
+    store = RunStore.open(run)
     run_cfg = store.config
     cfg = cfg or run_cfg.fit
+    resources = resources or run_cfg.resources
     t0 = time.perf_counter()
     rows, dropped = usable_rows(store, cfg.targets)
     n_complete = len(rows) + dropped
@@ -94,64 +141,76 @@ def fit_run(run: str | Path, cfg: FitConfig | None = None, *,
                     dropped, n_complete)
     if len(rows) < cfg.min_models:
         raise StoreError(
-            f"{store.path}: {len(rows)} usable models (of {store.requested} requested, {n_complete} complete, "
+            f"{store.loc}: {len(rows)} usable models (of {store.requested} requested, {n_complete} complete, "
             f"{dropped} with non-finite margins); fitting needs at least {cfg.min_models} "
-            f"(fit.min_models). Train more: datamodels train CONFIG --out {store.path} --models M"
+            f"(fit.min_models). Train more: datamodels train CONFIG --out {store.loc} --models M"
         )
-    device = cfg.device
-    if device == "auto":
-        import torch
+    where = _where(resources, store, address)
+    with store.writing(takeover=takeover):
+        if where == "cluster":
+            from datamodels import cluster
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    X = RowView([store.group["masks"]], rows)
-    Y = RowView(_margin_arrays(store, cfg.targets), rows)
-    result = fit_lasso(
-        X, Y, n_lambdas=cfg.n_lambdas, eps=cfg.eps, val_fraction=cfg.val_fraction, seed=run_cfg.seed,
-        backend=cfg.backend, device=device, dtype=cfg.dtype, block_rows=cfg.block_rows, tol=cfg.tol,
-        patience=cfg.patience, progress=progress,
-    )
-    seconds = time.perf_counter() - t0
-    attrs = {
-        "fit": asdict(cfg),
-        "targets": cfg.targets,
-        "num_test_targets": int(store.group["test_margins"].shape[1]),
-        "models_used": int(len(rows)),
-        "models_left_out": dropped,
-        "n_train": result.n_train,
-        "n_val": result.n_val,
-        "seconds": seconds,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _write_atomically(store, result, rows, attrs)
+            cluster.connect(address)
+            log.info("fitting as a Ray task (%g CPUs, %g GPUs)", resources.fit_cpus, resources.fit_gpus)
+            result = cluster.run_remote(fit_arrays, store.loc.url, rows, cfg, run_cfg.seed,
+                                        cpus=resources.fit_cpus, gpus=resources.fit_gpus,
+                                        memory_gb=resources.fit_memory_gb, wait_timeout=resources.wait_timeout,
+                                        what="fit task")
+        else:
+            result = fit_arrays(store.loc, rows, cfg, run_cfg.seed, progress=progress)
+        attrs = {
+            "fit": asdict(cfg),
+            "targets": cfg.targets,
+            "num_test_targets": int(store.dims["T"]),
+            "models_used": int(len(rows)),
+            "models_left_out": dropped,
+            "n_train": result.n_train,
+            "n_val": result.n_val,
+            "seconds": time.perf_counter() - t0,
+            "ran_on": where,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        save_datamodels(store, result.weight, result.bias, attrs=attrs, arrays={
+            **{k: getattr(result, k) for k in ("lam", "val_mse", "nnz", "lambdas", "val_mse_path")}, "rows": rows})
     return {**attrs, "mean_nnz": float(result.nnz.mean()), "mean_val_mse": float(result.val_mse.mean())}
 
 
-def _write_atomically(store: RunStore, result: LassoFit, rows: np.ndarray, attrs: dict) -> None:
-    """Write ``datamodels.tmp/`` completely, then swap it in for ``datamodels/``."""
-    final = store.path / "datamodels"
-    tmp = store.path / "datamodels.tmp"
-    old = store.path / "datamodels.old"
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    g = zarr.open_group(str(tmp), mode="w")
-    n, t = result.weight.shape
-    g.create_array("weight", data=result.weight, chunks=(n, min(t, 1024)))
-    for name in ("bias", "lam", "val_mse", "nnz", "lambdas", "val_mse_path"):
-        g.create_array(name, data=np.asarray(getattr(result, name)))
-    g.create_array("rows", data=rows)
+def save_datamodels(store: RunStore, weight: np.ndarray, bias: np.ndarray, *, attrs: dict,
+                    arrays: dict[str, np.ndarray] | None = None) -> str:
+    """Store datamodels (weight (N, T') in raw-mask units, bias (T',)) as the run's current fit.
+
+    Written under a new id, then ``current`` is switched to it, then older fits are deleted.
+    ``arrays`` are stored beside them (the solver's lam, val_mse, ...). The store must hold the
+    run's claim. Returns the fit's id.
+    """
+    store.check_claim()
+    root = store.group.require_group("datamodels")
+    fit_id = f"fit-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    g = root.require_group(fit_id)
+    n, t = weight.shape
+    g.create_array("weight", data=np.asarray(weight, dtype=np.float32), chunks=(n, min(t, 1024)))
+    g.create_array("bias", data=np.asarray(bias))
+    for name, value in (arrays or {}).items():
+        g.create_array(name, data=np.asarray(value))
     g.attrs.update(attrs)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    store.check_claim()
+    root.attrs["current"] = fit_id
+    for old in [k for k in root.group_keys() if k != fit_id]:
+        del root[old]
+    return fit_id
+
+
+def fit_group(store: RunStore | str | Path) -> zarr.Group:
+    """The group of the run's current fit; StoreError naming the command when there is none."""
+    store = store if isinstance(store, RunStore) else RunStore.open(store)
+    root = store.group["datamodels"] if "datamodels" in store.group else None
+    current = root.attrs.get("current") if root is not None else None
+    if current is None or current not in root:
+        raise StoreError(f"{store.loc} has no fitted datamodels yet; run `datamodels fit {store.loc}` first")
+    return root[current]
 
 
 def load_datamodels(store: RunStore | str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """(weight (N, T'), bias (T',), attrs) of a run's fitted datamodels."""
-    store = store if isinstance(store, RunStore) else RunStore.open(store)
-    if not (store.path / "datamodels" / "zarr.json").is_file():
-        raise StoreError(f"{store.path} has no fitted datamodels yet; run `datamodels fit {store.path}` first")
-    g = zarr.open_group(str(store.path / "datamodels"), mode="r")
+    g = fit_group(store)
     return np.asarray(g["weight"][:]), np.asarray(g["bias"][:]), dict(g.attrs)

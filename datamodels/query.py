@@ -8,13 +8,15 @@ whose datamodel weights support (largest positive) and oppose (most negative) it
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from datamodels.brittleness import STATUS, target_datamodels, parse_targets
-from datamodels.data import Dataset, load_dataset
+from datamodels.data import Dataset
+from datamodels.storage import write_file
 from datamodels.store import RunStore
 from datamodels.verify import MODES, read_checks, verified_k
 
@@ -48,14 +50,14 @@ def query(run: str | Path | RunStore, target: int, *, top: int = 10) -> dict:
     ``top`` each). Raises StoreError when the run has no datamodels (run `datamodels fit`).
     """
     store = run if isinstance(run, RunStore) else RunStore.open(run)
-    t_total = int(store.group["test_margins"].shape[1])
+    t_total = store.dims["T"]
     target = int(parse_targets([target], t_total)[0])
     weight, bias = target_datamodels(store)
     test_y, train_y = store.read("test_labels"), store.read("train_labels")
     classes = store.group.attrs["dataset"]["classes"]
     rows = np.flatnonzero(store.complete_mask())
-    col = (np.asarray(store.group["test_margins"].get_orthogonal_selection((rows, target)), dtype=np.float64)
-           if len(rows) else np.zeros(0))
+    col = (np.asarray(store.models_table().group["test_margins"].get_orthogonal_selection((rows, target)),
+                      dtype=np.float64) if len(rows) else np.zeros(0))
     col = col[np.isfinite(col)]
     w = weight[:, target].astype(np.float64)
     order = np.argsort(-w, kind="stable")
@@ -93,7 +95,7 @@ def query(run: str | Path | RunStore, target: int, *, top: int = 10) -> dict:
 
 
 def plot_query(result: dict, path: str | Path, *, dataset: Dataset | None = None,
-               run: str | Path | RunStore | None = None) -> Path:
+               run: str | Path | RunStore | None = None) -> str:
     """Image grid of a :func:`query` result: the target, then its top supporters and opposers,
     each titled with index, label and weight. ``dataset`` defaults to the run's configured data."""
     import matplotlib
@@ -103,7 +105,7 @@ def plot_query(result: dict, path: str | Path, *, dataset: Dataset | None = None
 
     if dataset is None:
         store = run if isinstance(run, RunStore) else RunStore.open(run)
-        dataset = load_dataset(store.config.data)
+        dataset = store.dataset()
     cols = max(1, len(result["supporters"]), len(result["opposers"]))
     fig, axes = plt.subplots(3, cols, figsize=(1.6 * cols + 0.4, 5.6), squeeze=False)
     for ax in axes.ravel():
@@ -127,8 +129,7 @@ def plot_query(result: dict, path: str | Path, *, dataset: Dataset | None = None
         axes[row, 0].text(-0.35, 0.5, key, transform=axes[row, 0].transAxes, rotation=90, va="center",
                           fontsize=8, color=color)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return write_file(path, buf.getvalue())

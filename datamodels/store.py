@@ -1,49 +1,46 @@
-"""The run store: one Zarr v3 group per run on the local (or shared) filesystem.
+"""The run store: one Zarr v3 group per run, on a local path or any fsspec URL.
 
-Layout (M models, N training examples, T targets, B = block size = row chunk)::
+Layout (M models, N training examples, T targets; every ``.../models`` group is a
+:class:`~datamodels.table.ModelTable`)::
 
-    RUN/                     attrs: schema_version, config, dataset, provenance, requested
-      masks          (M, N) bool      chunks (B, N)
-      train_margins  (M, N) float32   chunks (B, N)   out-of-sample where the mask is False
-      test_margins   (M, T) float32   chunks (B, T)
-      seconds        (M,)   float32   chunks (B,)     training wall time
-      complete       (M,)   bool      chunks (B,)     written last: a row counts only then
-      train_labels (N,), test_labels (T,) int64
-      logs/worker-<host>-<pid>.jsonl   one line per completed model (plain files)
+    RUN/                 attrs: schema_version, config, dataset, provenance, requested
+      claim/             the driver's claim (datamodels.claim), present while one works
+      train_labels (N,)  test_labels (T,)  int64
+      models/            collect: key (i,), masks (M, N), test_margins (M, T), train_margins (M, N)
+      datamodels/        fitted datamodels (datamodels.fit)
+      eval/models/       held-out evaluation models, key (e, r)    (datamodels.evaluate)
+      full/models/       full-set reference models, key (f,)       (datamodels.fullset)
+      brittleness/       estimates                                  (datamodels.brittleness)
+      verify/models/     verification models, key (target, mode, method, k, j)  (datamodels.verify)
 
-Concurrency rules: work is handed out in blocks of B model indices aligned with the row chunks,
-so no two writers ever touch the same chunk (a partial chunk write is a read-modify-write);
-no sharding. Within a row, ``complete`` is written after every other array, so a crash
-between two writes leaves the row incomplete and it is retrained. Chunk files are written
-atomically by Zarr's local store (temporary file + rename). One driver at a time holds
-``RUN/.lock``.
+Only the driver writes, and only while it holds the run's claim: workers return their results.
+Row i of ``models`` is model i, whose mask and seed derive from (run seed, i).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import platform
 import socket
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zarr
 
+from datamodels.claim import DriverClaim
 from datamodels.config import RunConfig, config_from_dict, diff_identity
 from datamodels.data import Dataset
 from datamodels.errors import StoreError
+from datamodels.storage import Location
+from datamodels.table import ModelTable
 
-__all__ = ["RunStore", "SCHEMA_VERSION", "versions"]
+__all__ = ["RunStore", "SCHEMA_VERSION", "versions", "COLLECT_OUTPUTS"]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-ROW_ARRAYS = ("masks", "train_margins", "test_margins", "seconds")  # written before `complete`
+SCHEMA_VERSION = 2
+COLLECT_OUTPUTS = ("test_margins", "train_margins")
 
 
 def versions() -> dict[str, str]:
@@ -67,115 +64,165 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _check_writable(path: Path) -> None:
-    """Fail early, before anything is written, if ``path`` cannot hold a store."""
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"cannot create run store at {path}: a file of that name exists")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise StoreError(f"cannot create run store at {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"cannot create run store at {path}: {parent} is not writable")
+def dims_of(dataset_attrs: dict, cfg: RunConfig) -> dict[str, int]:
+    """Table dims: N, T, K (classes) and D (penultimate width)."""
+    return {"N": int(dataset_attrs["num_train"]), "T": int(dataset_attrs["num_test"]),
+            "K": len(dataset_attrs["classes"]), "D": int(cfg.model.widths[3])}
+
+
+def _half_created(loc: Location) -> bool:
+    """A store whose creation stopped before its attributes (written last) were written."""
+    raw = loc.read_bytes("zarr.json")
+    if raw is None:
+        return any(loc.exists(k) for k in ("models/zarr.json", "train_labels/zarr.json"))
+    try:
+        return "schema_version" not in json.loads(raw).get("attributes", {})
+    except ValueError:
+        return False
 
 
 class RunStore:
     """A run's Zarr group. Open with :meth:`open` (existing) or :meth:`create` (new/extend)."""
 
-    def __init__(self, path: str | Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, loc: Location, group: zarr.Group):
+        self.loc = loc
         self.group = group
+        self.claim: DriverClaim | None = None
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.loc.url!r})"
 
     # ------------------------------------------------------------------ open / create
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "RunStore":
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise StoreError(f"no run store at {path} (expected a directory made by `datamodels train`)")
-        group = zarr.open_group(str(path), mode=mode)
+    def open(cls, where: str | Location, mode: str = "r") -> "RunStore":
+        loc = Location(where)
+        if not loc.exists("zarr.json"):
+            raise StoreError(f"no run store at {loc} (expected a run made by `datamodels train`)")
+        group = zarr.open_group(store=loc.zarr_store(read_only=mode == "r"), mode="r" if mode == "r" else "r+")
         version = group.attrs.get("schema_version")
+        if version is None:
+            raise StoreError(f"{loc} is a half-created run store (its creation was interrupted); re-run the same "
+                             "`datamodels train ... --out` to create it again")
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{path}: store schema version {version}, this datamodels reads {SCHEMA_VERSION}")
-        return cls(path, group)
+            raise StoreError(f"{loc}: store schema version {version}, this datamodels reads {SCHEMA_VERSION}"
+                             + ("; train into a new --out" if isinstance(version, int) and version < SCHEMA_VERSION
+                                else ""))
+        return cls(loc, group)
 
     @classmethod
-    def prepare(cls, path: str | Path, cfg: RunConfig, dataset: Dataset) -> None:
-        """Check, without writing, that ``cfg`` may create or extend a store at ``path``.
+    def prepare(cls, where: str | Location, cfg: RunConfig, dataset: Dataset) -> None:
+        """Check, without writing, that ``cfg`` may create or extend a store at ``where``.
 
         Raises StoreError naming the differing keys when an existing store was made with an
         incompatible config or other data.
         """
-        path = Path(path)
-        _check_writable(path)
-        if path.exists() and any(path.iterdir()):
-            if not (path / "zarr.json").is_file():
-                raise StoreError(f"{path} exists and is not a run store; choose another --out")
-            existing = cls.open(path)
-            old = existing.config
-            diff = diff_identity(old, cfg)
-            if diff:
-                lines = "; ".join(f"{k}: store has {a!r}, config has {b!r}" for k, (a, b) in diff.items())
-                raise StoreError(
-                    f"{path} was created with another config ({lines}). "
-                    "Use another --out, or the store's own config (`datamodels status RUN --json`)."
-                )
-            fp = existing.group.attrs["dataset"]["fingerprint"]
-            if fp != dataset.fingerprint():
-                raise StoreError(
-                    f"{path} was trained on other data (dataset fingerprint {fp[:12]}..., "
-                    f"now {dataset.fingerprint()[:12]}...)"
-                )
+        loc = Location(where)
+        loc.check_writable()
+        if loc.is_empty():
+            return
+        if not loc.exists("zarr.json"):
+            if not (loc.exists("claim") or _half_created(loc)):
+                raise StoreError(f"{loc} exists and is not a run store; choose another --out")
+            return
+        if _half_created(loc):
+            return
+        existing = cls.open(loc)
+        diff = diff_identity(existing.config, cfg)
+        if diff:
+            lines = "; ".join(f"{k}: store has {a!r}, config has {b!r}" for k, (a, b) in diff.items())
+            raise StoreError(
+                f"{loc} was created with another config ({lines}). "
+                "Use another --out, or the store's own config (`datamodels status RUN --json`)."
+            )
+        fp = existing.group.attrs["dataset"]["fingerprint"]
+        if fp != dataset.fingerprint():
+            raise StoreError(
+                f"{loc} was trained on other data (dataset fingerprint {fp[:12]}..., "
+                f"now {dataset.fingerprint()[:12]}...)"
+            )
 
     @classmethod
-    def create(cls, path: str | Path, cfg: RunConfig, dataset: Dataset) -> "RunStore":
-        """Create the store, or open it and extend it to ``cfg.collect.models`` rows.
+    def create(cls, where: str | Location, cfg: RunConfig, dataset: Dataset, *, claim: DriverClaim) -> "RunStore":
+        """Create the store, or open it and record ``cfg.collect.models`` as requested.
 
-        Call :meth:`prepare` first (the CLI does): this method assumes the config is compatible.
+        Needs the run's ``claim`` (nothing is changed before it is held); checks again under
+        it (:meth:`prepare`). The collect table's rows are added by the collect stage.
         """
-        cls.prepare(path, cfg, dataset)
-        path = Path(path)
-        m, n, t, b = cfg.collect.models, dataset.num_train, dataset.num_test, cfg.collect.block_size
-        if (path / "zarr.json").is_file():
-            store = cls.open(path, mode="r+")
-            store._extend(m)
+        loc = Location(where)
+        cls.prepare(loc, cfg, dataset)
+        claim.check()
+        m = cfg.collect.models
+        if _half_created(loc):
+            log.warning("%s: creating again a store whose creation was interrupted", loc)
+            for key in ("models", "train_labels", "test_labels", "zarr.json"):
+                loc.delete(key, recursive=True)
+        if loc.exists("zarr.json"):
+            store = cls.open(loc, mode="r+")
+            store.claim = claim
+            if m > store.requested:
+                store.group.attrs["requested"] = m
+                raw = dict(store.group.attrs["config"])
+                raw["collect"] = {**raw["collect"], "models": m}
+                store.group.attrs["config"] = raw
+                log.info("extending %s from %d to %d models", loc, store.requested, m)
             return store
-        group = zarr.open_group(str(path), mode="w")
-        group.attrs.update({
+        group = zarr.open_group(store=loc.zarr_store(), mode="a")
+        group.create_array("train_labels", data=dataset.train_y.numpy())
+        group.create_array("test_labels", data=dataset.test_y.numpy())
+        attrs = {
             "schema_version": SCHEMA_VERSION,
             "config": cfg.to_dict(),
             "dataset": dataset.describe(),
             "provenance": {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                            "versions": versions()},
-            "block_size": b,
             "requested": m,
-        })
-        group.create_array("masks", shape=(m, n), chunks=(b, n), dtype=bool, fill_value=False)
-        group.create_array("train_margins", shape=(m, n), chunks=(b, n), dtype="float32", fill_value=np.nan)
-        group.create_array("test_margins", shape=(m, t), chunks=(b, t), dtype="float32", fill_value=np.nan)
-        group.create_array("seconds", shape=(m,), chunks=(b,), dtype="float32", fill_value=np.nan)
-        group.create_array("complete", shape=(m,), chunks=(b,), dtype=bool, fill_value=False)
-        group.create_array("train_labels", data=dataset.train_y.numpy())
-        group.create_array("test_labels", data=dataset.test_y.numpy())
-        return cls(path, group)
+        }
+        ModelTable.require(group, "models", key_names=["i"], outputs=COLLECT_OUTPUTS,
+                           dims=dims_of(attrs["dataset"], cfg), rows_per_chunk=cfg.collect.block_size)
+        group.attrs.update(attrs)  # last: a store without them is recognised as half-created
+        store = cls(loc, group)
+        store.claim = claim
+        return store
 
-    def _extend(self, m: int) -> None:
-        old = self.requested
-        if m <= old:
-            return
-        for name in ROW_ARRAYS + ("complete",):
-            arr = self.group[name]
-            arr.resize((m,) + arr.shape[1:])
-        self.group.attrs["requested"] = m
-        cfg = dict(self.group.attrs["config"])
-        cfg["collect"] = {**cfg["collect"], "models": m}
-        self.group.attrs["config"] = cfg
-        log.info("extended %s from %d to %d models", self.path, old, m)
+    # ------------------------------------------------------------------ the driver's claim
+    @contextmanager
+    def writing(self, *, takeover: bool = False):
+        """Hold the run's claim while writing: ``with store.writing(): ...`` (see datamodels.claim)."""
+        with DriverClaim(self.loc, takeover=takeover) as claim:
+            self.claim = claim
+            if self.group.read_only:
+                self.group = zarr.open_group(store=self.loc.zarr_store(), mode="r+")
+            try:
+                yield self
+            finally:
+                self.claim = None
+
+    def check_claim(self) -> None:
+        """Raise StoreError unless this driver holds the run's claim (call before writing)."""
+        if self.claim is None:
+            raise StoreError(f"{self.loc}: writing needs the run's claim (internal error: no claim held)")
+        self.claim.check()
+
+    # ------------------------------------------------------------------ tables
+    @property
+    def dims(self) -> dict[str, int]:
+        return dims_of(self.group.attrs["dataset"], self.config)
+
+    def table(self, path: str, *, key_names, outputs, rows_per_chunk: int, labels: bool = False) -> ModelTable:
+        """The model table at ``path`` (e.g. "eval/models"), created if missing."""
+        parent, _, name = path.rpartition("/")
+        g = self.group.require_group(parent) if parent else self.group
+        return ModelTable.require(g, name, key_names=key_names, outputs=outputs, dims=self.dims,
+                                  rows_per_chunk=rows_per_chunk, labels=labels)
+
+    def models_table(self) -> ModelTable:
+        """The collect table ``models/`` (key (i,); row i is model i)."""
+        return ModelTable(self.group["models"])
 
     # ------------------------------------------------------------------ reading
     @property
     def config(self) -> RunConfig:
-        return config_from_dict(RunConfig, self.group.attrs["config"], source=f"{self.path} (attrs)")
+        return config_from_dict(RunConfig, self.group.attrs["config"], source=f"{self.loc} (attrs)")
 
     @property
     def requested(self) -> int:
@@ -183,27 +230,35 @@ class RunStore:
 
     @property
     def block_size(self) -> int:
-        return int(self.group.attrs["block_size"])
+        return self.models_table().rows_per_chunk
 
     def complete_mask(self) -> np.ndarray:
-        """(M,) bool: rows whose every array has been written."""
-        return np.asarray(self.group["complete"][:], dtype=bool)
+        """(M,) bool over the collect table's rows."""
+        return self.models_table().complete_mask()
 
     def missing(self, upto: int | None = None) -> list[int]:
         done = self.complete_mask()
-        upto = len(done) if upto is None else min(upto, len(done))
-        return [int(i) for i in np.flatnonzero(~done[:upto])]
-
-    def blocks(self, indices: list[int]) -> list[list[int]]:
-        """Group model indices by row chunk, so each work unit owns whole chunks."""
-        out: dict[int, list[int]] = {}
-        for i in indices:
-            out.setdefault(i // self.block_size, []).append(i)
-        return [out[k] for k in sorted(out)]
+        upto = self.requested if upto is None else upto
+        return [i for i in range(upto) if i >= len(done) or not done[i]]
 
     def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
-        arr = self.group[name]
-        return np.asarray(arr[:] if rows is None else arr.get_orthogonal_selection((rows,)))
+        """A collect-table array (masks, test_margins, train_margins, seconds, complete, ...) or a
+        root array (train_labels, test_labels); ``rows`` selects models."""
+        if name in ("train_labels", "test_labels"):
+            return np.asarray(self.group[name][:])
+        return self.models_table().read(name, rows)
+
+    def dataset(self, given: Dataset | None = None) -> Dataset:
+        """The data the run was trained on: ``given`` (hand-made data, e.g. in tests) or the
+        configured dataset, checked against the store's fingerprint (StoreError if other)."""
+        from datamodels.data import load_dataset
+
+        dataset = given if given is not None else load_dataset(self.config.data)
+        fp = self.group.attrs["dataset"]["fingerprint"]
+        if fp != dataset.fingerprint():
+            raise StoreError(f"{self.loc} was trained on other data (dataset fingerprint {fp[:12]}..., "
+                             f"the data given has {dataset.fingerprint()[:12]}...)")
+        return dataset
 
     def status(self) -> dict:
         done = self.complete_mask()
@@ -211,12 +266,12 @@ class RunStore:
         acc = None
         if len(idx):
             tm = self.read("test_margins", idx)
-            acc = float((tm > 0).mean())
+            acc = float(np.nanmean(tm > 0))
         seconds = self.read("seconds", idx) if len(idx) else np.array([])
         cfg = self.group.attrs["config"]
         ds = self.group.attrs["dataset"]
         return {
-            "path": str(self.path),
+            "path": str(self.loc),
             "config_name": cfg.get("name"),
             "dataset": ds["name"],
             "num_train": ds["num_train"],
@@ -224,60 +279,8 @@ class RunStore:
             "alpha": cfg["collect"]["alpha"],
             "requested": self.requested,
             "completed": int(done.sum()),
-            "missing": int((~done).sum()),
+            "missing": int(self.requested - done[: self.requested].sum()),
             "mean_test_accuracy": acc,
             "mean_train_seconds": float(np.mean(seconds)) if len(seconds) else None,
             "created": self.group.attrs["provenance"]["created"],
         }
-
-    # ------------------------------------------------------------------ writing
-    def write_result(self, result, *, after_array: Callable[[str], None] | None = None) -> None:
-        """Write one model's row; ``complete`` last. ``after_array(name)`` is a test hook."""
-        i = result.index
-        values = {
-            "masks": result.mask,
-            "train_margins": result.train_margins,
-            "test_margins": result.test_margins,
-            "seconds": np.float32(result.seconds),
-        }
-        for name in ROW_ARRAYS:
-            self.group[name][i] = values[name]
-            if after_array is not None:
-                after_array(name)
-        self.group["complete"][i] = True
-
-    def log_event(self, event: dict) -> None:
-        """Append one JSON line to this process's own worker log (no shared file)."""
-        d = self.path / "logs"
-        d.mkdir(exist_ok=True)
-        with open(d / f"worker-{socket.gethostname()}-{os.getpid()}.jsonl", "a") as f:
-            f.write(json.dumps({"time": time.time(), **event}) + "\n")
-
-    def read_logs(self) -> list[dict]:
-        out = []
-        for p in sorted((self.path / "logs").glob("*.jsonl")):
-            for line in p.read_text().splitlines():
-                if line.strip():
-                    out.append(json.loads(line))
-        return out
-
-    @contextmanager
-    def lock(self):
-        """Exclusive driver lock: a second `datamodels train` on the same run is refused."""
-        f = open(self.path / ".lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise StoreError(f"{self.path} is being written by {holder}; wait for it or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        try:
-            yield self
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()

@@ -8,7 +8,6 @@ training seed. On CPU with one thread, retraining model i reproduces its margins
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,23 +106,38 @@ def margin_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std,
-            tta_flip: bool = False, batch_size: int = 1024, precision: str = "float32") -> torch.Tensor:
-    """Margins (B,): logit of the correct class minus the largest other logit.
+def predict(model: torch.nn.Module, x: torch.Tensor, *, mean, std, tta_flip: bool = False,
+            batch_size: int = 1024, precision: str = "float32",
+            features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (B, K) float32 of uint8 images ``x`` (B, C, H, W), and with ``features`` the
+    penultimate activations (B, D) of the unflipped images.
 
     With ``tta_flip`` the logits of each image and its WIDTH-flipped copy (``x.flip(-1)``) are
-    averaged first.
+    averaged.
     """
     model.eval()
-    out = []
+    logits, feats = [], []
     for a in range(0, x.shape[0], batch_size):
         xb = _normalise(x[a : a + batch_size], mean, std)
         with _autocast(xb.device, precision):
-            logits = model(xb).float()
+            if features:  # ResNet9: body, then the linear head (scaled)
+                f = model.net[:-1](xb)
+                lg = (model.net[-1](f) * model.scale_out).float()
+                feats.append(f.float())
+            else:
+                lg = model(xb).float()
             if tta_flip:
-                logits = 0.5 * (logits + model(xb.flip(-1)).float())
-        out.append(margin_from_logits(logits, y[a : a + batch_size]))
-    return torch.cat(out)
+                lg = 0.5 * (lg + model(xb.flip(-1)).float())
+        logits.append(lg)
+    return torch.cat(logits), (torch.cat(feats) if features else None)
+
+
+def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std,
+            tta_flip: bool = False, batch_size: int = 1024, precision: str = "float32") -> torch.Tensor:
+    """Margins (B,): logit of the correct class minus the largest other logit (see :func:`predict`)."""
+    logits, _ = predict(model, x, mean=mean, std=std, tta_flip=tta_flip, batch_size=batch_size,
+                        precision=precision)
+    return margin_from_logits(logits, y)
 
 
 def eval_options(dataset: Dataset, cfg: RunConfig, device: torch.device) -> dict:
@@ -255,21 +269,13 @@ def train_model(dataset: Dataset, cfg: RunConfig, index: int, *,
                 device: torch.device | None = None) -> ModelResult:
     """Train model ``index`` of a run on its mask; return its mask and margins.
 
-    Margins are on all T targets (test set) and all N training examples (out-of-sample for
-    those outside the mask).
+    The same path as the collect stage (:func:`datamodels.collect.collect_spec` through
+    :func:`datamodels.specs.train_spec`). Margins are on all T targets (test set) and all N
+    training examples (out-of-sample for those outside the mask).
     """
-    t0 = time.perf_counter()
-    device = device or resolve_device(cfg.train.device)
-    mask = subset_mask(cfg.seed, index, dataset.num_train, cfg.collect.alpha)
-    model = train_on(dataset, torch.from_numpy(np.flatnonzero(mask)), cfg,
-                     training_seed(cfg.seed, index), device=device)
-    kw = eval_options(dataset, cfg, device)
-    test_m = margins(model, dataset.test_x.to(device), dataset.test_y.to(device), **kw)
-    train_m = margins(model, dataset.train_x.to(device), dataset.train_y.to(device), **kw)
-    return ModelResult(
-        index=index,
-        mask=mask,
-        test_margins=test_m.float().cpu().numpy(),
-        train_margins=train_m.float().cpu().numpy(),
-        seconds=time.perf_counter() - t0,
-    )
+    from datamodels.collect import collect_spec
+    from datamodels.specs import train_spec
+
+    r = train_spec(dataset, cfg, collect_spec(cfg, index), device=device)
+    return ModelResult(index=index, mask=r["mask"], test_margins=r["test_margins"],
+                       train_margins=r["train_margins"], seconds=r["seconds"])

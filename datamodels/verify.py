@@ -10,56 +10,42 @@ A check trains K fresh models on S minus the set (remove) or on S with the set's
 flipped (flip), each seeded by (run seed, VERIFY_DOMAIN, target, mode, method, k, j), and
 succeeds when the mean margin of x over the K models is below 0.
 
-Layout (one subgroup per check, keyed by (target, mode, method, k))::
-
-    verify/<mode>/<method>/t<target>/k<k>/
-        attrs: target, mode, method, k, thresholds (the C values whose estimate gave k),
-               created, done, success, mean_margin, frac_misclassified, models
-        indices     (k,) int64   the exact training examples removed or flipped
-        new_labels  (k,) int64   flip mode only
-        margins     (K,) float32 the target's margin under each model (NaN until trained)
-        seconds     (K,) float32
-
-The driver creates a check's group before training and writes each model's margin as its task
-returns (``run_tasks(on_result=...)``): one writer, and an interrupted run keeps every model
-that finished. A check is done once all K margins are written; done checks are never
-retrained, unfinished ones train only their missing models. Asking for more models (K) than a
-check has extends it.
+Each model of a check is a spec (key (target, mode, method, k, j)): the full training set
+without the set (remove) or with the set's labels replaced (flip). They live in one model
+table, ``verify/models`` (datamodels.table), which records each model's exact training mask
+and label overrides, so every check says which examples it removed or relabelled. A check is
+done once its K rows are complete; the resume rule of the table makes re-running retrain
+nothing that is done, and a check whose set changed (a re-fit moved it) is retrained.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import zarr
 
-from datamodels.brittleness import (
-    METHODS,
-    Analysis,
-    _check_dataset,
-    full_models,
-    parse_targets,
-    read_brittleness,
-)
+from datamodels.baselines import METHODS
+from datamodels.brittleness import Analysis, parse_targets, read_brittleness
 from datamodels.config import RunConfig
-from datamodels.data import Dataset, load_dataset
+from datamodels.data import Dataset
 from datamodels.errors import ConfigError, StoreError
+from datamodels.fullset import full_models
+from datamodels.runner import run_specs
+from datamodels.specs import ModelSpec, Subset
+from datamodels.storage import Location
 from datamodels.store import RunStore
-from datamodels.train import eval_options, margins, resolve_device, train_on, training_seed
+from datamodels.table import ModelTable
+from datamodels.train import training_seed
 
 __all__ = [
     "VERIFY_DOMAIN",
     "SAMPLE_DOMAIN",
     "MODES",
-    "check_path",
     "check_seed",
+    "check_spec",
     "k_schedule",
-    "train_check_model",
     "verify",
     "read_checks",
     "verified_k",
@@ -72,16 +58,26 @@ log = logging.getLogger(__name__)
 VERIFY_DOMAIN = 1_000_003
 SAMPLE_DOMAIN = 1_000_006  # targets sampled by the main job
 MODES = ("remove", "flip")
-
-
-def check_path(target: int, mode: str, method: str, k: int) -> str:
-    """Path of a check's group inside ``verify/``."""
-    return f"{mode}/{method}/t{int(target)}/k{int(k)}"
+TABLE = "verify/models"
+KEYS = ["target", "mode", "method", "k", "j"]
 
 
 def check_seed(seed: int, target: int, mode: str, method: str, k: int, j: int) -> int:
     """Training seed of model j of a check: (run seed, VERIFY_DOMAIN, target, mode, method, k, j)."""
     return training_seed(seed, j, domain=(VERIFY_DOMAIN, int(target), MODES.index(mode), METHODS.index(method), int(k)))
+
+
+def check_spec(cfg: RunConfig, target: int, mode: str, method: str, indices: np.ndarray,
+               new_labels: np.ndarray | None, j: int) -> ModelSpec:
+    """Model j of the check of ``indices`` (k = len(indices)) for ``target``."""
+    k = len(indices)
+    key = (int(target), MODES.index(mode), METHODS.index(method), int(k), int(j))
+    seed = check_seed(cfg.seed, target, mode, method, k, j)
+    if mode == "remove":
+        return ModelSpec(key=key, seed=seed, subset=Subset.all_but(indices), outputs=("test_margins",))
+    return ModelSpec(key=key, seed=seed, subset=Subset.all_but(),
+                     labels=(np.asarray(indices, dtype=np.int64), np.asarray(new_labels, dtype=np.int64)),
+                     outputs=("test_margins",))
 
 
 def k_schedule(k_row: Sequence[int], thresholds: Sequence[float], rounds: int) -> list[tuple[int, list[float]]]:
@@ -101,75 +97,62 @@ def k_schedule(k_row: Sequence[int], thresholds: Sequence[float], rounds: int) -
     return out[:rounds]
 
 
-def train_check_model(dataset: Dataset, cfg: RunConfig, target: int, mode: str, indices: np.ndarray,
-                      new_labels: np.ndarray | None, seed: int, key: tuple, data: Dataset | None = None) -> dict:
-    """Work function: train one model on the modified full training set; return the target's margin.
-
-    remove: all N examples but ``indices``. flip: all N with ``new_labels`` at ``indices``.
-    ``data`` replaces the actor's dataset (tests with hand-made data).
-    """
-    dataset = data if data is not None else dataset
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    n = dataset.num_train
-    labels = None
-    if mode == "remove":
-        keep = np.ones(n, dtype=bool)
-        keep[np.asarray(indices, dtype=np.int64)] = False
-        train_idx = torch.from_numpy(np.flatnonzero(keep))
-    else:
-        train_idx = torch.arange(n)
-        labels = dataset.train_y.clone()
-        labels[torch.as_tensor(np.asarray(indices, dtype=np.int64))] = torch.as_tensor(
-            np.asarray(new_labels, dtype=np.int64))
-    model = train_on(dataset, train_idx, cfg, seed, labels=labels, device=device)
-    m = margins(model, dataset.test_x[target : target + 1].to(device), dataset.test_y[target : target + 1].to(device),
-                **eval_options(dataset, cfg, device))
-    return {"key": key, "margin": float(m[0]), "seconds": time.perf_counter() - t0}
+def _table(store: RunStore, models: int) -> ModelTable:
+    return store.table(TABLE, key_names=KEYS, outputs=["test_margins"], rows_per_chunk=max(1, models), labels=True)
 
 
 # --------------------------------------------------------------------------- records
 
 
-def _finalize(g: zarr.Group) -> dict:
-    m = np.asarray(g["margins"][:], dtype=np.float64)
-    attrs = {"done": True, "models": int(len(m)), "mean_margin": float(m.mean()),
-             "frac_misclassified": float((m < 0).mean()), "success": bool(m.mean() < 0),
-             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    g.attrs.update(attrs)
-    return attrs
-
-
-def _record(g: zarr.Group) -> dict:
-    a = dict(g.attrs)
-    rec = {k: a.get(k) for k in ("target", "mode", "method", "k", "thresholds", "created", "done", "success",
-                                  "mean_margin", "frac_misclassified", "models")}
-    rec["indices"] = np.asarray(g["indices"][:]).tolist()
-    rec["new_labels"] = np.asarray(g["new_labels"][:]).tolist() if "new_labels" in g else None
-    rec["margins"] = [None if not np.isfinite(v) else float(v) for v in np.asarray(g["margins"][:])]
-    return rec
+def _checks_from_table(table: ModelTable, keys: np.ndarray, rows: np.ndarray) -> list[dict]:
+    """Group table rows by (target, mode, method, k) into check records."""
+    out = []
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for r, key in zip(rows, keys):
+        groups.setdefault(tuple(int(v) for v in key[:4]), []).append((int(key[4]), int(r)))
+    complete = table.complete_mask()
+    for (t, md, me, k), jr in sorted(groups.items()):
+        rs = [r for _, r in sorted(jr)]
+        margins = table.read("test_margins", np.asarray(rs))[:, t].astype(np.float64)
+        done_rows = complete[rs]
+        m = margins[done_rows]
+        first = rs[0]
+        mode = MODES[md]
+        if mode == "remove":
+            indices = np.flatnonzero(~table.read("masks", np.asarray([first]))[0])
+            new = None
+        else:
+            lab = table.read("labels", np.asarray([first]))[0]
+            indices = np.flatnonzero(lab >= 0)
+            new = lab[indices].astype(np.int64).tolist()
+        done = bool(done_rows.all())
+        out.append({
+            "target": t, "mode": mode, "method": METHODS[me], "k": k, "done": done, "models": len(rs),
+            "success": bool(m.mean() < 0) if done else None,
+            "mean_margin": float(m.mean()) if done else None,
+            "frac_misclassified": float((m < 0).mean()) if done else None,
+            "indices": indices.tolist(), "new_labels": new,
+            "margins": [float(v) if ok else None for v, ok in zip(margins, done_rows)],
+        })
+    return out
 
 
 def read_checks(store: RunStore, *, target: int | None = None, mode: str | None = None,
                 method: str | None = None) -> list[dict]:
     """Every recorded check (optionally filtered), as dicts, sorted by (target, mode, method, k)."""
-    if "verify" not in store.group:
+    if "verify" not in store.group or "models" not in store.group["verify"]:
         return []
-    out = []
-    root = store.group["verify"]
-    for md in [mode] if mode else MODES:
-        for me in [method] if method else METHODS:
-            path = f"{md}/{me}"
-            if path not in root:
-                continue
-            mg = root[path]
-            tnames = [f"t{target}"] if target is not None else [n for n, _ in mg.groups()]
-            for tn in tnames:
-                if tn not in mg:
-                    continue
-                for _, g in mg[tn].groups():
-                    out.append(_record(g))
-    return sorted(out, key=lambda r: (r["target"], MODES.index(r["mode"]), METHODS.index(r["method"]), r["k"]))
+    table = ModelTable(store.group["verify"]["models"])
+    keys = table.keys()
+    sel = np.ones(len(keys), dtype=bool)
+    if target is not None:
+        sel &= keys[:, 0] == int(target)
+    if mode is not None:
+        sel &= keys[:, 1] == MODES.index(mode)
+    if method is not None:
+        sel &= keys[:, 2] == METHODS.index(method)
+    rows = np.flatnonzero(sel)
+    return _checks_from_table(table, keys[rows], rows)
 
 
 def verified_k(checks: list[dict]) -> int | None:
@@ -198,35 +181,6 @@ def sample_targets(store: RunStore, n: int, *, seed: int | None = None) -> list[
 # --------------------------------------------------------------------------- the stage
 
 
-def _open_check(root: zarr.Group, target: int, mode: str, method: str, k: int, thresholds: list[float],
-                indices: np.ndarray, new_labels: np.ndarray | None, models: int) -> zarr.Group:
-    """The check's group, created (or extended to ``models``) as needed. A stale record (another
-    index set, e.g. after a re-fit) is replaced."""
-    path = check_path(target, mode, method, k)
-    if path in root:
-        g = root[path]
-        same = np.array_equal(np.asarray(g["indices"][:]), indices) and (
-            new_labels is None or ("new_labels" in g and np.array_equal(np.asarray(g["new_labels"][:]), new_labels)))
-        if same:
-            if g["margins"].shape[0] < models:
-                for name in ("margins", "seconds"):
-                    g[name].resize((models,))
-                g.attrs.update({"done": False})
-            return g
-        log.warning("verify/%s: recorded set differs from the current estimate (datamodels re-fitted?); "
-                    "replacing the record", path)
-        del root[path]
-    g = root.require_group(path)
-    g.create_array("indices", data=np.asarray(indices, dtype=np.int64))
-    if new_labels is not None:
-        g.create_array("new_labels", data=np.asarray(new_labels, dtype=np.int64))
-    g.create_array("margins", shape=(models,), dtype="float32", fill_value=np.nan)
-    g.create_array("seconds", shape=(models,), dtype="float32", fill_value=np.nan)
-    g.attrs.update({"target": int(target), "mode": mode, "method": method, "k": int(k), "thresholds": thresholds,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "created_unix": time.time(), "done": False})
-    return g
-
-
 def _validate(mode: str, method: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"--mode: expected one of {list(MODES)}, got {mode!r}")
@@ -234,19 +188,18 @@ def _validate(mode: str, method: str) -> None:
         raise ConfigError(f"--method: expected one of {list(METHODS)}, got {method!r}")
 
 
-def verify(run: str | Path, targets: str | Sequence[int], mode: str = "remove", method: str | None = None,
-           models: int | None = None, *, rounds: int | None = None, cfg: RunConfig | None = None,
-           dataset: Dataset | None = None, address: str | None = None, progress: bool = True) -> dict:
-    """Verify the estimated sets of ``targets`` by retraining; record every check in ``verify/``.
+def verify(run: str | Path | Location, targets: str | Sequence[int], mode: str = "remove",
+           method: str | None = None, models: int | None = None, *, rounds: int | None = None,
+           cfg: RunConfig | None = None, dataset: Dataset | None = None, address: str | None = None,
+           progress: bool = True, takeover: bool = False) -> dict:
+    """Verify the estimated sets of ``targets`` by retraining; record every model in ``verify/``.
 
     ``method``/``models``/``rounds`` default to cfg.verify's. Resumable and idempotent per
     (target, mode, method, k). Returns {"results": [per target: target, mode, method, status
     (verified | not verified | misclassified | unreachable | pending), verified_k, checks],
-    "trained": models trained by this call, "summary": :func:`success_rate`}.
+    "trained": keys of the models trained by this call, "summary": :func:`success_rate`}.
     """
-    from datamodels import cluster  # Ray stays out of the science
-
-    store = RunStore.open(run, mode="r+")
+    store = RunStore.open(run)
     cfg = cfg or store.config
     vc = cfg.verify
     method = method or vc.method
@@ -262,16 +215,12 @@ def verify(run: str | Path, targets: str | Sequence[int], mode: str = "remove", 
     pending = [int(t) for t in idx if status[t] == "pending"]
     if pending:
         raise StoreError(f"targets {pending[:5]} have no brittleness estimate yet; run "
-                         f"`datamodels brittleness {store.path} --targets {','.join(map(str, pending[:20]))}` first")
-    given = dataset
-    if dataset is not None:
-        _check_dataset(store, dataset)
+                         f"`datamodels brittleness {store.loc} --targets {','.join(map(str, pending[:20]))}` first")
+    dataset = store.dataset(dataset)
     full = full_models(store) if (mode == "flip" or method == "representation") else None
     kcol = est["k_remove"] if mode == "remove" else est["k_flip"]
-    thresholds = est["thresholds"]
-    pixel_data = dataset if dataset is not None else (load_dataset(cfg.data) if method == "pixel" else None)
 
-    # Per target: its check list (k, thresholds, indices, new labels), position, outcome.
+    # Per target: its checks in order (indices, new labels), position, outcome.
     plans: dict[int, list] = {}
     results: dict[int, dict] = {}
     for t in idx:
@@ -280,64 +229,45 @@ def verify(run: str | Path, targets: str | Sequence[int], mode: str = "remove", 
                       "checks": []}
         if status[t] != "estimated":
             continue
-        ranking = an.ranking(t, method, full=full, dataset=pixel_data)
+        ranking = an.ranking(t, method, full=full, dataset=dataset)
         sched, seen = [], set()
-        for k, cs in k_schedule(kcol[t], thresholds, rounds * 4):
+        for k, _ in k_schedule(kcol[t], est["thresholds"], rounds * 4):
             kk = min(k, len(ranking))  # a baseline may have fewer candidates than k
             if kk in seen or kk == 0:
                 continue
             seen.add(kk)
             ind = ranking[:kk]
-            new = an.new_labels(t, ind, full) if mode == "flip" else None
-            sched.append((kk, cs, ind, new))
+            sched.append((ind, an.new_labels(t, ind, full) if mode == "flip" else None))
         plans[t] = sched[:rounds]
         results[t]["status"] = "pending"
 
-    root = store.group.require_group("verify")
     trained: list[tuple] = []
     position = {t: 0 for t in plans}
-    with store.lock():
+    with store.writing(takeover=takeover):
+        table = _table(store, models)
         while True:
-            # Advance each target past done checks; collect the checks that need models.
-            work: dict[int, zarr.Group] = {}
+            # One round: the current check of every target still pending, trained together.
+            current = {}
             for t, sched in plans.items():
-                while results[t]["status"] == "pending":
-                    if position[t] >= len(sched):
-                        results[t]["status"] = "not verified"
-                        break
-                    k, cs, ind, new = sched[position[t]]
-                    g = _open_check(root, t, mode, method, k, cs, ind, new, models)
-                    m = np.asarray(g["margins"][:])
-                    if np.isfinite(m).all():
-                        attrs = _finalize(g) if not g.attrs.get("done") else dict(g.attrs)
-                        results[t]["checks"].append(_record(g))
-                        if attrs["success"]:
-                            results[t]["status"], results[t]["verified_k"] = "verified", k
-                        position[t] += 1
-                        continue
-                    work[t] = g
-                    break
-            if not work:
+                if results[t]["status"] != "pending":
+                    continue
+                if position[t] >= len(sched):
+                    results[t]["status"] = "not verified"
+                    continue
+                current[t] = sched[position[t]]
+            if not current:
                 break
-            tasks = []
-            for t, g in work.items():
-                a = g.attrs
-                ind = np.asarray(g["indices"][:])
-                new = np.asarray(g["new_labels"][:]) if "new_labels" in g else None
-                for j in np.flatnonzero(~np.isfinite(np.asarray(g["margins"][:]))):
-                    key = (t, mode, method, int(a["k"]), int(j))
-                    seed = check_seed(cfg.seed, t, mode, method, int(a["k"]), int(j))
-                    tasks.append((key, train_check_model, (cfg, t, mode, ind, new, seed, key, given), 1))
-
-            def write(key, res, work=work):
-                t, _, _, _, j = key
-                work[t]["margins"][j] = np.float32(res["margin"])
-                work[t]["seconds"][j] = np.float32(res["seconds"])
-                trained.append(key)
-
-            log.info("verify %s/%s: %d checks, %d models", mode, method, len(work), len(tasks))
-            cluster.run_tasks(tasks, data_cfg=cfg.data, train_cfg=cfg.train, resources=cfg.resources,
-                              address=address, progress=progress, unit="models", desc=f"verify {mode}",
-                              on_result=write)
+            specs = {t: [check_spec(cfg, t, mode, method, ind, new, j) for j in range(models)]
+                     for t, (ind, new) in current.items()}
+            run = run_specs(store, table, [s for ss in specs.values() for s in ss], cfg=cfg, dataset=dataset,
+                            address=address, progress=progress, desc=f"verify {mode}")
+            trained += run.trained
+            for t, ss in specs.items():
+                keys = np.asarray([s.key for s in ss])
+                check = _checks_from_table(table, keys, table.rows_of([s.key for s in ss]))[0]
+                results[t]["checks"].append(check)
+                position[t] += 1
+                if check["success"]:
+                    results[t]["status"], results[t]["verified_k"] = "verified", check["k"]
     out = [results[int(t)] for t in idx]
     return {"results": out, "trained": trained, "summary": success_rate(out)}

@@ -27,6 +27,32 @@ def tiny_config(*overrides: str):
     return load_config(None, TINY + list(overrides))
 
 
+def new_store(where, cfg, dataset):
+    """Create an empty run store as a driver would (under the run's claim); return it opened."""
+    from datamodels.claim import DriverClaim
+    from datamodels.storage import Location
+    from datamodels.store import RunStore
+
+    loc = Location(where)
+    with DriverClaim(loc) as claim:
+        RunStore.create(loc, cfg, dataset, claim=claim)
+    return RunStore.open(loc, mode="r+")
+
+
+def put_rows(store, cfg, rows):
+    """Write hand-made collect rows {i: (test margins (T,), train margins (N,))} through the
+    store's collect table, exactly as the driver writes trained models."""
+    from datamodels.collect import collect_spec
+
+    table = store.models_table()
+    specs = [collect_spec(cfg, i) for i in range(max(max(rows) + 1, len(table)))]
+    table.plan(specs)
+    n = table.dims["N"]
+    for i, (test_m, train_m) in sorted(rows.items()):
+        res = {"mask": specs[i].subset.mask(n), "test_margins": test_m, "train_margins": train_m, "seconds": 0.0}
+        table.write([i], [res], [specs[i]])
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -34,6 +60,9 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
+    from datamodels.cluster import shutdown_pool
+
+    shutdown_pool()
     ray.shutdown()
 
 

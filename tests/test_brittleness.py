@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zarr
 
 from conftest import tiny_config
+from datamodels.baselines import baseline_ranking, rank_examples
 from datamodels.brittleness import (
     STATUS,
-    baseline_ranking,
     brittleness,
     class_ranking,
     estimate_k,
     flip_labels,
     target_datamodels,
     parse_targets,
-    rank_examples,
     read_brittleness,
 )
 from datamodels.errors import ConfigError, StoreError
+from datamodels.fit import save_datamodels
+from datamodels.fullset import full_models
 from datamodels.store import RunStore
 
 
@@ -27,17 +27,10 @@ from datamodels.store import RunStore
 
 
 def write_datamodels(store: RunStore, weight: np.ndarray, bias: np.ndarray, targets: str = "test") -> None:
-    """Stand-in for the fit stage: a `datamodels/` group with (N, T) weights and (T,) bias."""
-    g = store.group.require_group("datamodels")
-    for name in list(g.array_keys()):
-        del g[name]
-    t = weight.shape[1]
-    g.create_array("weight", data=np.asarray(weight, dtype=np.float32))
-    g.create_array("bias", data=np.asarray(bias, dtype=np.float32))
-    for name in ("lam", "val_mse"):
-        g.create_array(name, data=np.zeros(t, dtype=np.float32))
-    g.create_array("nnz", data=(np.asarray(weight) != 0).sum(axis=0).astype(np.int64))
-    g.attrs.update({"targets": targets, "created": "test"})
+    """Stand-in for the fit stage: (N, T) weights and (T,) bias as the run's current fit."""
+    with store.writing():
+        save_datamodels(store, weight, bias, attrs={"targets": targets, "created": "test"},
+                        arrays={"nnz": (np.asarray(weight) != 0).sum(axis=0).astype(np.int64)})
 
 
 def fit_least_squares(store: RunStore, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -182,14 +175,14 @@ def test_brittleness_stage_stores_estimates_and_cdf(run, tmp_path):
     cfg = tiny_config("brittleness.full_models=2", "brittleness.thresholds=[0, -0.5, -1]", "brittleness.max_k=60")
     res = brittleness(run, cfg=cfg, cdf_path=tmp_path / "cdf", progress=False)
     assert res["full_models_trained"] == [0, 1]
-    t = store.group["test_margins"].shape[1]
+    t = store.dims["T"]
     stored = read_brittleness(RunStore.open(run))
     assert stored["k_remove"].shape == (t, 3) and stored["k_flip"].shape == (t, 3)
     assert stored["thresholds"] == [0.0, -0.5, -1.0]
-    full = zarr.open_group(str(run / "brittleness" / "full"), mode="r")
-    assert full["test_margins"].shape == (2, t) and full["test_logits"].shape == (2, t, 10)
-    assert full["train_features"].shape == (2, 120, 8) and full["complete"][:].all()
-    base = np.asarray(full["test_margins"][:]).mean(0)
+    full = full_models(RunStore.open(run))
+    assert full.test_margins.shape == (2, t) and full.test_logits.shape == (2, t, 10)
+    assert full.features("train").shape == (120, 2 * 8) and full.group["complete"][:].all()
+    base = full.test_margins.mean(0)
     assert np.allclose(stored["baseline"], base, atol=1e-6)
     status = np.array(stored["status"])
     assert set(status) <= set(STATUS[1:]) and (status == "misclassified").sum() == (base <= 0).sum()
@@ -218,7 +211,7 @@ def test_brittleness_validates_targets_and_flip_class(run):
     store = RunStore.open(run, mode="r+")
     if "datamodels" not in store.group:
         fit_least_squares(store)
-    t = store.group["test_margins"].shape[1]
+    t = store.dims["T"]
     with pytest.raises(ConfigError, match=rf"\[0, {t}\)"):
         brittleness(run, targets=[t], progress=False)
     with pytest.raises(ConfigError, match="flip_class"):

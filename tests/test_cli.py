@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
+from datamodels.fit import load_datamodels
 from datamodels.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +65,21 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, needle):
     assert not (tmp_path / "r").exists()
 
 
+def completed(out) -> int:
+    """Complete models in the store at ``out`` so far (0 while it does not exist yet)."""
+    try:
+        return int(RunStore.open(out).complete_mask().sum())
+    except Exception:
+        return 0
+
+
 def test_ctrl_c_leaves_a_consistent_store_and_rerun_finishes(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "datamodels.cli", "train", "pipelines/digits.yaml", "--out", str(out),
             "--no-progress", *sets("collect.models=160", "train.epochs=10")]
     p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline:
-        logs = list((out / "logs").glob("*.jsonl")) if (out / "logs").exists() else []
-        if sum(q.read_text().count("complete") for q in logs) >= 2:
-            break
+    while time.time() < deadline and completed(out) < 2:
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
@@ -99,4 +105,6 @@ def test_main_job_trains_fits_and_reports_lds(tmp_path):
     assert "24/24 complete" in r.stdout and "LDS" in r.stdout and "noise ceiling" in r.stdout
     s = json.loads(cli("status", str(out), "--json").stdout)
     assert s["completed"] == 24
-    assert (out / "datamodels" / "weight").exists() and (out / "eval" / "test_margins").exists()
+    store = RunStore.open(out)
+    assert load_datamodels(store)[0].shape == (120, store.dims["T"])
+    assert store.group["eval"].attrs["report"]["E"] == 3

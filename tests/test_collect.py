@@ -1,6 +1,5 @@
 """The collect stage through real Ray actors (one local Ray for the module)."""
 
-import collections
 import os
 import signal
 import threading
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from datamodels import cluster
 from datamodels.collect import collect
 from datamodels.data import load_dataset
 from datamodels.errors import DataError, StoreError
@@ -19,21 +19,15 @@ from datamodels.train import subset_mask, train_model
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def completions(store):
-    return collections.Counter(e["model"] for e in store.read_logs() if e["event"] == "complete")
-
-
 def test_collect_trains_all_then_nothing_then_extends(tmp_path):
     out = tmp_path / "run"
     s = collect(tiny_config(), out, progress=False)
     assert s["completed"] == s["requested"] == 8 and s["trained"] == list(range(8))
-    assert 0 < s["mean_test_accuracy"] <= 1
+    assert 0 < s["mean_test_accuracy"] <= 1 and sum(s["by_node"].values()) == 8
     again = collect(tiny_config(), out, progress=False)
     assert again["trained"] == [] and again["completed"] == 8
     more = collect(tiny_config("collect.models=11"), out, progress=False)
     assert more["trained"] == [8, 9, 10] and more["completed"] == 11
-    store = RunStore.open(out)
-    assert set(completions(store).values()) == {1} and len(completions(store)) == 11
 
 
 def test_ray_rows_equal_a_local_retrain(tmp_path):
@@ -51,16 +45,20 @@ def test_killing_a_worker_mid_run_loses_nothing_and_duplicates_nothing(tmp_path)
     killed = {}
 
     def killer():
-        logs = out / "logs"
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            for p in logs.glob("worker-*.jsonl") if logs.exists() else []:
-                if p.read_text().count('"complete"') >= 1:
-                    pid = int(p.stem.rsplit("-", 1)[1])
-                    os.kill(pid, signal.SIGKILL)
-                    killed["pid"] = pid
-                    return
-            time.sleep(0.02)
+            pool = cluster._POOL.get("pool")
+            done = 0
+            try:
+                done = int(RunStore.open(out).complete_mask().sum())
+            except Exception:
+                pass
+            live = [a for a in (pool.actors if pool else []) if a.live and a.busy]
+            if done >= 4 and live:
+                os.kill(live[0].pid, signal.SIGKILL)
+                killed["pid"] = live[0].pid
+                return
+            time.sleep(0.05)
 
     t = threading.Thread(target=killer)
     t.start()
@@ -69,12 +67,8 @@ def test_killing_a_worker_mid_run_loses_nothing_and_duplicates_nothing(tmp_path)
     assert killed, "no worker was killed"
     store = RunStore.open(out)
     assert s["completed"] == s["requested"] == 32 and store.complete_mask().all()
-    counts = completions(store)
-    assert sorted(counts) == list(range(32)) and set(counts.values()) == {1}  # none lost, none twice
-    # the killed worker had done only part of the run; someone else finished its block
-    by_pid = collections.Counter(int(p.stem.rsplit("-", 1)[1]) for p in (out / "logs").glob("*.jsonl")
-                                 for line in p.read_text().splitlines())
-    assert 0 < by_pid[killed["pid"]] < 32
+    assert sorted(s["trained"]) == list(range(32)) and len(s["trained"]) == 32  # none lost, none twice
+    assert s["retried"] >= 1
     masks = store.read("masks")
     for i in range(32):
         assert np.array_equal(masks[i], subset_mask(cfg.seed, i, masks.shape[1], cfg.collect.alpha))

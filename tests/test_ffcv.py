@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from datamodels.collect import train_block
+from datamodels.collect import collect
 from datamodels.data import Dataset, load_dataset
 from datamodels.errors import ConfigError, DataError
 from datamodels.ffcv_backend import INSTALL_COMMAND, clear_loader_cache, ffcv_batches, write_beton
@@ -110,14 +110,14 @@ def test_a_last_batch_of_one_is_dropped_like_memory_batches(tmp_path):
 def test_store_rows_are_identical_whichever_backend_loaded_the_data(tmp_path):
     _need_ffcv()
     beton = tmp_path / "digits.beton"
-    mem_cfg = tiny_config("collect.models=3", "collect.block_size=3", "train.translate=1")
+    mem_cfg = tiny_config("collect.models=3", "collect.block_size=3", "train.translate=1",
+                          "resources.executor=local")
     ffcv_cfg = tiny_config("collect.models=3", "collect.block_size=3", "train.translate=1",
-                           "train.loader=ffcv", f"data.beton={beton}")
+                           "train.loader=ffcv", f"data.beton={beton}", "resources.executor=local")
     ds = load_dataset(mem_cfg.data)
     rows = {}
     for name, cfg in (("memory", mem_cfg), ("ffcv", ffcv_cfg)):
-        RunStore.create(tmp_path / name, cfg, ds)
-        train_block(ds, cfg, str(tmp_path / name), [0, 1, 2])
+        collect(cfg, tmp_path / name, progress=False)
         store = RunStore.open(tmp_path / name)
         assert store.complete_mask().all()
         rows[name] = {k: store.read(k) for k in ("masks", "test_margins", "train_margins")}

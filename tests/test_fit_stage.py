@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import new_store, put_rows, tiny_config
 from datamodels.config import FitConfig
 from datamodels.data import load_dataset
 from datamodels.errors import StoreError
 from datamodels.evaluate import lds_report
-from datamodels.fit import RowView, fit_run, load_datamodels
-from datamodels.store import RunStore
-from datamodels.train import ModelResult, subset_mask
+from datamodels.fit import RowView, fit_group, fit_run, load_datamodels
+from datamodels.train import subset_mask
 
 FAST = FitConfig(n_lambdas=12, eps=1e-2, min_models=20, device="cpu")
 
@@ -21,27 +20,28 @@ def planted_store(tmp_path, m=400, *, nan_rows=(), skip_rows=()):
     ds = load_dataset(cfg.data)
     n, t = ds.num_train, 6
     ds = type(ds)(**{**ds.__dict__, "test_x": ds.test_x[:t], "test_y": ds.test_y[:t]})
-    store = RunStore.create(tmp_path / "run", cfg, ds)
+    store = new_store(tmp_path / "run", cfg, ds)
     g = np.random.default_rng(0)
     w = np.zeros((n, t))
     for j in range(t):
         w[g.choice(n, 3, replace=False), j] = g.choice([-1, 1], 3) * g.uniform(0.5, 1.0, 3)
     b = g.normal(size=t)
+    rows = {}
     for i in range(m):
-        if i in skip_rows:
-            continue
         mask = subset_mask(cfg.seed, i, n, cfg.collect.alpha)
         y = (b + mask @ w + 0.05 * g.normal(size=t)).astype(np.float32)
         if i in nan_rows:
             y[0] = np.nan
-        store.write_result(ModelResult(i, mask, y, np.zeros(n, np.float32), 0.0))
+        if i not in skip_rows:
+            rows[i] = (y, np.zeros(n, np.float32))
+    put_rows(store, cfg, rows)
     return store, w, b
 
 
 def test_fit_recovers_planted_weights_in_raw_mask_units(tmp_path):
     store, w, b = planted_store(tmp_path)
-    summary = fit_run(store.path, FAST)
-    weight, bias, attrs = load_datamodels(store.path)
+    summary = fit_run(store.loc, FAST)
+    weight, bias, attrs = load_datamodels(store.loc)
     assert weight.shape == w.shape and attrs["models_used"] == 400
     for j in range(w.shape[1]):
         top = set(np.argsort(-np.abs(weight[:, j]))[:3])
@@ -55,46 +55,47 @@ def test_fit_recovers_planted_weights_in_raw_mask_units(tmp_path):
 
 def test_diverged_models_are_left_out_and_counted(tmp_path):
     store, w, _ = planted_store(tmp_path, m=120, nan_rows=(3, 50), skip_rows=(7,))
-    s = fit_run(store.path, FAST)
+    s = fit_run(store.loc, FAST)
     assert s["models_used"] == 117 and s["models_left_out"] == 2
-    _, _, attrs = load_datamodels(store.path)
-    rows = np.asarray(__import__("zarr").open_group(str(store.path / "datamodels"))["rows"][:])
+    _, _, attrs = load_datamodels(store.loc)
+    rows = np.asarray(fit_group(store)["rows"][:])
     assert 3 not in rows and 50 not in rows and 7 not in rows
 
 
 def test_too_few_models_says_how_many_exist_and_are_needed(tmp_path):
     store, _, _ = planted_store(tmp_path, m=30, skip_rows=tuple(range(20, 30)))
     with pytest.raises(StoreError, match=r"20 usable models .* at least 25"):
-        fit_run(store.path, FitConfig(min_models=25))
+        fit_run(store.loc, FitConfig(min_models=25))
 
 
 def test_a_failed_refit_keeps_the_previous_fit(tmp_path, monkeypatch):
     store, _, _ = planted_store(tmp_path, m=120)
-    fit_run(store.path, FAST)
-    before = load_datamodels(store.path)[0].copy()
+    fit_run(store.loc, FAST)
+    before = load_datamodels(store.loc)[0].copy()
 
     def boom(*a, **k):
         raise RuntimeError("solver crashed")
 
     monkeypatch.setattr("datamodels.fit.fit_lasso", boom)
     with pytest.raises(RuntimeError):
-        fit_run(store.path, FitConfig(n_lambdas=5, min_models=20, device="cpu"))
-    assert np.array_equal(load_datamodels(store.path)[0], before)
+        fit_run(store.loc, FitConfig(n_lambdas=5, min_models=20, device="cpu"))
+    assert np.array_equal(load_datamodels(store.loc)[0], before)
 
 
 def test_row_view_streams_selected_rows_of_hstacked_arrays(tmp_path):
     store, _, _ = planted_store(tmp_path, m=40)
     rows = np.array([1, 5, 6, 30])
-    v = RowView([store.group["test_margins"], store.group["train_margins"]], rows)
+    g = store.models_table().group
+    v = RowView([g["test_margins"], g["train_margins"]], rows)
     full = np.hstack([store.read("test_margins"), store.read("train_margins")])[rows]
     assert v.shape == full.shape and np.array_equal(v[1:3], full[1:3]) and np.array_equal(v[:], full)
 
 
 def test_test_plus_train_targets_fits_n_more_columns(tmp_path):
     store, _, _ = planted_store(tmp_path, m=60)
-    fit_run(store.path, FitConfig(targets="test+train", n_lambdas=4, min_models=20, device="cpu"))
-    weight, _, attrs = load_datamodels(store.path)
-    n = store.group["masks"].shape[1]
+    fit_run(store.loc, FitConfig(targets="test+train", n_lambdas=4, min_models=20, device="cpu"))
+    weight, _, attrs = load_datamodels(store.loc)
+    n = store.dims["N"]
     assert weight.shape == (n, 6 + n) and attrs["num_test_targets"] == 6
 
 

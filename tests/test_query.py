@@ -9,7 +9,8 @@ import pytest
 
 from conftest import tiny_config
 from datamodels.brittleness import brittleness, read_brittleness
-from datamodels.cli_analysis import main
+from datamodels.cli import main
+from datamodels.fit import load_datamodels
 from datamodels.query import query
 from datamodels.store import RunStore
 from datamodels.verify import verify
@@ -57,7 +58,7 @@ def test_query_needs_a_fit_and_a_valid_target(run, capsys):
     if "datamodels" not in RunStore.open(run).group:
         assert main(["query", str(run), "0"]) == 2
         assert f"datamodels fit {run}" in capsys.readouterr().err
-    t = RunStore.open(run).group["test_margins"].shape[1]
+    t = RunStore.open(run).dims["T"]
     assert main(["query", str(run), str(t)]) == 2
     assert f"[0, {t})" in capsys.readouterr().err
 
@@ -72,7 +73,7 @@ def test_query_json_prints_every_field(analysed, capsys):
     assert out["target"] == 0 and out["label"] == int(store.read("test_labels")[0])
     assert out["models"] == 8 and out["mean_margin"] == pytest.approx(float(margins.mean()), rel=1e-5)
     assert out["accuracy"] == pytest.approx(float((margins > 0).mean()))
-    w = np.asarray(store.group["datamodels"]["weight"][:, 0])
+    w = load_datamodels(store)[0][:, 0]
     sup, opp = out["supporters"], out["opposers"]
     assert [e["index"] for e in sup] == np.argsort(-w, kind="stable")[:5].tolist()
     assert all(e["weight"] > 0 for e in sup) and all(e["weight"] < 0 for e in opp) and len(opp) == 5
@@ -137,5 +138,5 @@ def test_main_job_analysis(analysed, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "k quantiles" in text and "sampled targets verified" in text
     s = out["brittleness"]["summary"]
-    assert s["targets"] == RunStore.open(run).group["test_margins"].shape[1]
+    assert s["targets"] == RunStore.open(run).dims["T"]
     assert out["verify"]["remove"]["checked"] == 1

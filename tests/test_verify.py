@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
-from datamodels.brittleness import brittleness, class_ranking, full_models, read_brittleness
+from conftest import new_store, tiny_config
+from datamodels.baselines import METHODS
+from datamodels.brittleness import brittleness, class_ranking, read_brittleness
+from datamodels.fullset import full_models
 from datamodels.data import Dataset, _make
 from datamodels.errors import ConfigError, StoreError
 from datamodels.store import RunStore
-from datamodels.verify import check_path, k_schedule, read_checks, verified_k, verify
+from datamodels.table import ModelTable
+from datamodels.verify import MODES, k_schedule, read_checks, verified_k, verify
 from test_brittleness import write_datamodels
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -53,7 +56,7 @@ def planted(tmp_path_factory):
     hold it up, two of them are (wrongly) estimated to be enough at C=0, three at C=-1."""
     cfg, ds = planted_config(), planted_dataset()
     path = tmp_path_factory.mktemp("v") / "run"
-    store = RunStore.create(path, cfg, ds)
+    store = new_store(path, cfg, ds)
     n, t = ds.num_train, ds.num_test
     rng = np.random.default_rng(0)
     weight = -np.abs(rng.normal(0, 0.01, (n, t)))  # everything else mildly opposes
@@ -109,33 +112,35 @@ def test_flipping_the_planted_copies_flips_the_target(planted):
         assert set(c["new_labels"]) == {runner_up}  # all planted copies are labelled 0
 
 
+def key(k, j, mode="remove", method="pixel"):
+    return (0, MODES.index(mode), METHODS.index(method), k, j)
+
+
 def test_pixel_baseline_verifies_and_resuming_does_not_retrain_finished_checks(planted):
     path, cfg, ds = planted
-    store = RunStore.open(path, mode="r+")
     # Stop after the first check: rounds=1 records k=2 only (the datamodel's k schedule).
     one = verify(path, [0], "remove", "pixel", models=2, rounds=1, cfg=cfg, dataset=ds, progress=False)
     (r,) = one["results"]
     assert len(one["trained"]) == 2 and [c["k"] for c in r["checks"]] == [2] and r["status"] == "not verified"
     assert r["checks"][0]["indices"] == [0, 1]  # the nearest in pixels: exact copies (ties by index)
-    g1 = store.group["verify"][check_path(0, "remove", "pixel", 2)]
-    created, margins = g1.attrs["created_unix"], np.asarray(g1["margins"][:]).copy()
+    table = ModelTable(RunStore.open(path).group["verify"]["models"])
+    rows_k2 = table.rows_of([key(2, 0), key(2, 1)])
+    margins = table.read("test_margins", rows_k2).copy()
     # Resume with more rounds: only the next check trains, and it finds the planted answer.
     two = verify(path, [0], "remove", "pixel", models=2, rounds=2, cfg=cfg, dataset=ds, progress=False)
-    assert {key[3] for key in two["trained"]} == {3} and len(two["trained"]) == 2
+    assert sorted(two["trained"]) == [key(3, 0), key(3, 1)]
     (r,) = two["results"]
     assert r["status"] == "verified" and r["verified_k"] == 3 and sorted(r["checks"][1]["indices"]) == [0, 1, 2]
-    g1 = store.group["verify"][check_path(0, "remove", "pixel", 2)]
-    assert g1.attrs["created_unix"] == created and np.array_equal(np.asarray(g1["margins"][:]), margins)
-    # A half-finished check (one model's margin lost, as after a crash) trains only that model.
-    g2 = store.group["verify"][check_path(0, "remove", "pixel", 3)]
-    kept, lost = float(g2["margins"][0]), float(g2["margins"][1])
-    g2["margins"][1] = np.nan
-    g2.attrs["done"] = False
+    assert np.array_equal(table.read("test_margins", rows_k2), margins)
+    # A half-finished check (one model not complete, as after a crash) trains only that model.
+    with RunStore.open(path).writing() as store:
+        table = ModelTable(store.group["verify"]["models"])
+        (row,) = table.rows_of([key(3, 1)])
+        lost = float(table.read("test_margins", [row])[0, 0])
+        table.group["complete"][row] = False
     three = verify(path, [0], "remove", "pixel", models=2, rounds=2, cfg=cfg, dataset=ds, progress=False)
-    assert three["trained"] == [(0, "remove", "pixel", 3, 1)]
-    g2 = store.group["verify"][check_path(0, "remove", "pixel", 3)]
-    assert float(g2["margins"][0]) == kept
-    assert float(g2["margins"][1]) == pytest.approx(lost, abs=1e-5)  # seeds derive from the check's key
+    assert three["trained"] == [key(3, 1)]
+    assert float(table.read("test_margins", [row])[0, 0]) == pytest.approx(lost, abs=1e-5)  # seeded by its key
     # Nothing left: nothing trains; the same answer comes back.
     again = verify(path, [0], "remove", "pixel", models=2, rounds=2, cfg=cfg, dataset=ds, progress=False)
     assert again["trained"] == [] and again["results"][0]["verified_k"] == 3
@@ -150,7 +155,7 @@ def test_verify_validates_its_input(planted, tmp_path):
     with pytest.raises(ConfigError, match=r"\[0, 4\)"):
         verify(path, [4], "remove", cfg=cfg, dataset=ds, progress=False)
     # Targets the full-set models misclassify, or never reach C, are skipped with their status.
-    bare = RunStore.create(tmp_path / "bare", cfg, ds)
+    bare = new_store(tmp_path / "bare", cfg, ds)
     write_datamodels(bare, np.zeros((ds.num_train, ds.num_test)), np.zeros(ds.num_test))
     with pytest.raises(StoreError, match="datamodels brittleness"):
         verify(tmp_path / "bare", [0], "remove", cfg=cfg, dataset=ds, progress=False)
