@@ -37,3 +37,15 @@ def test_every_key_is_commented():
             keys += 1
             assert lines[i - 1].strip().startswith("#"), f"line {i + 1} has no comment above it: {line!r}"
     assert keys > 20
+
+
+def test_cluster_yaml_pins_the_ray_this_package_runs_and_uses_a_bucket():
+    import ray
+
+    cfg = load()
+    setup = " ".join(cfg["setup_commands"])
+    assert f'ray[default]=={ray.__version__}' in setup and "datamodels[s3]" in setup
+    assert "s3://" in " ".join(cfg["head_setup_commands"])
+    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}  # nothing trains or fits there
+    pipeline = yaml.safe_load((ROOT / "pipelines" / "cifar10.yaml").read_text())["resources"]
+    assert pipeline["fit_on"] == "cluster" and pipeline["fit_gpus"] >= 1
