@@ -11,16 +11,17 @@ arrays; the driver writes them.
 
 The result goes to the run's ``datamodels/`` group::
 
-    datamodels/           attrs: current = the id of the fit later stages read
-      <fit id>/           attrs: fit config, targets, models used, models left out, seconds
+    datamodels/           attrs: fits = {name: group id} (one fit per name, e.g. per estimator),
+                                 current = the name later stages read by default
+      <group id>/         attrs: name, fit config, targets, models used, models left out, seconds
         weight   (N, T') float32   raw mask units: prediction = bias + mask @ weight
         bias     (T',)   lam (T',)   val_mse (T',)   nnz (T',)
         lambdas  (L, T')  val_mse_path (L, T')
         rows     (M',) int64        the collect rows the fit used
 
 T' = T test targets, or T + N with ``fit.targets: test+train`` (test columns first). A new fit
-is written completely under a new id, then ``current`` is switched to it (one small write),
-then the old fit is deleted: readers see the old fit or the new one, never a part.
+is written completely under a new id, then its name is switched to it (one small write), then
+the group it replaced is deleted: readers see the old fit or the new one, never a part.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from datamodels.solver import LassoFit, fit_lasso
 from datamodels.storage import Location
 from datamodels.store import RunStore
 
-__all__ = ["fit_run", "fit_arrays", "save_datamodels", "load_datamodels", "fit_group", "RowView", "usable_rows"]
+__all__ = ["fit_run", "fit_arrays", "save_datamodels", "load_datamodels", "fit_group", "fit_names", "RowView",
+           "usable_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -176,41 +178,61 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
 
 
 def save_datamodels(store: RunStore, weight: np.ndarray, bias: np.ndarray, *, attrs: dict,
-                    arrays: dict[str, np.ndarray] | None = None) -> str:
-    """Store datamodels (weight (N, T') in raw-mask units, bias (T',)) as the run's current fit.
+                    arrays: dict[str, np.ndarray] | None = None, name: str = "lasso",
+                    make_current: bool = True) -> str:
+    """Store datamodels (weight (N, T') in raw-mask units, bias (T',)) as the run's fit ``name``.
 
-    Written under a new id, then ``current`` is switched to it, then older fits are deleted.
+    A run keeps one fit per name (e.g. per estimator); ``current`` names the one later stages
+    read by default. The fit is written under a new id, then the name is switched to it (one
+    small write), then what it replaced is deleted: readers see the old fit or the new one.
     ``arrays`` are stored beside them (the solver's lam, val_mse, ...). The store must hold the
-    run's claim. Returns the fit's id.
+    run's claim. Returns the group id.
     """
     store.check_claim()
+    if not name or "/" in name:
+        raise ValueError(f"fit name: expected a non-empty name without '/', got {name!r}")
     root = store.group.require_group("datamodels")
-    fit_id = f"fit-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    fit_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     g = root.require_group(fit_id)
     n, t = weight.shape
     g.create_array("weight", data=np.asarray(weight, dtype=np.float32), chunks=(n, min(t, 1024)))
     g.create_array("bias", data=np.asarray(bias))
-    for name, value in (arrays or {}).items():
-        g.create_array(name, data=np.asarray(value))
-    g.attrs.update(attrs)
+    for key, value in (arrays or {}).items():
+        g.create_array(key, data=np.asarray(value))
+    g.attrs.update({**attrs, "name": name})
     store.check_claim()
-    root.attrs["current"] = fit_id
-    for old in [k for k in root.group_keys() if k != fit_id]:
+    fits = {**root.attrs.get("fits", {}), name: fit_id}
+    current = name if make_current or "current" not in root.attrs else root.attrs["current"]
+    root.attrs.update({"fits": fits, "current": current})
+    for old in [k for k in root.group_keys() if k not in fits.values()]:
         del root[old]
     return fit_id
 
 
-def fit_group(store: RunStore | str | Path) -> zarr.Group:
-    """The group of the run's current fit; StoreError naming the command when there is none."""
+def fit_names(store: RunStore) -> list[str]:
+    """Names of the run's stored fits (e.g. estimators), the current one first."""
+    if "datamodels" not in store.group:
+        return []
+    root = store.group["datamodels"]
+    fits, current = dict(root.attrs.get("fits", {})), root.attrs.get("current")
+    return sorted(fits, key=lambda n: (n != current, n))
+
+
+def fit_group(store: RunStore | str | Path, name: str | None = None) -> zarr.Group:
+    """The group of the run's fit ``name`` (default: the current one); StoreError naming the
+    command to run when there is none."""
     store = store if isinstance(store, RunStore) else RunStore.open(store)
     root = store.group["datamodels"] if "datamodels" in store.group else None
-    current = root.attrs.get("current") if root is not None else None
-    if current is None or current not in root:
-        raise StoreError(f"{store.loc} has no fitted datamodels yet; run `datamodels fit {store.loc}` first")
-    return root[current]
+    fits = dict(root.attrs.get("fits", {})) if root is not None else {}
+    name = name or (root.attrs.get("current") if root is not None else None)
+    if name is None or name not in fits or fits[name] not in root:
+        have = f" (it has: {', '.join(sorted(fits))})" if fits else ""
+        what = f"no fit named {name!r}{have}" if name and fits else "no fitted datamodels yet"
+        raise StoreError(f"{store.loc} has {what}; run `datamodels fit {store.loc}` first")
+    return root[fits[name]]
 
 
-def load_datamodels(store: RunStore | str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(weight (N, T'), bias (T',), attrs) of a run's fitted datamodels."""
-    g = fit_group(store)
+def load_datamodels(store: RunStore | str | Path, name: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(weight (N, T'), bias (T',), attrs) of a run's fit ``name`` (default: the current one)."""
+    g = fit_group(store, name)
     return np.asarray(g["weight"][:]), np.asarray(g["bias"][:]), dict(g.attrs)

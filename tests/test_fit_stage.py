@@ -119,3 +119,21 @@ def test_lds_known_answers():
     assert lds_report(avg, actual[:, :1])["noise_ceiling"] is None
     with pytest.raises(ValueError, match="expected pred"):
         lds_report(avg[:, :3], actual)
+
+
+def test_a_run_keeps_one_fit_per_name_and_reads_the_current_one(tmp_path):
+    from datamodels.fit import fit_names, save_datamodels
+
+    store, _, _ = planted_store(tmp_path, m=40)
+    n, t = store.dims["N"], 6
+    with store.writing():
+        save_datamodels(store, np.ones((n, t)), np.zeros(t), attrs={}, name="lasso")
+        save_datamodels(store, 2 * np.ones((n, t)), np.zeros(t), attrs={}, name="ridge", make_current=False)
+    assert fit_names(store) == ["lasso", "ridge"] and load_datamodels(store)[0][0, 0] == 1
+    assert load_datamodels(store, "ridge")[0][0, 0] == 2 and load_datamodels(store, "ridge")[2]["name"] == "ridge"
+    with store.writing():
+        save_datamodels(store, 3 * np.ones((n, t)), np.zeros(t), attrs={}, name="ridge")  # replaces, current now
+    assert fit_names(store) == ["ridge", "lasso"] and load_datamodels(store)[0][0, 0] == 3
+    assert len(list(store.group["datamodels"].group_keys())) == 2  # the replaced group is gone
+    with pytest.raises(StoreError, match="no fit named 'trak' \\(it has: lasso, ridge\\)"):
+        fit_group(store, "trak")
