@@ -39,6 +39,16 @@ def new_store(where, cfg, dataset):
     return RunStore.open(loc, mode="r+")
 
 
+def completed(where) -> int:
+    """Complete collect models in the store at ``where`` so far (0 while it does not exist)."""
+    from datamodels.store import RunStore
+
+    try:
+        return int(RunStore.open(where).complete_mask().sum())
+    except Exception:
+        return 0
+
+
 def put_rows(store, cfg, rows):
     """Write hand-made collect rows {i: (test margins (T,), train margins (N,))} through the
     store's collect table, exactly as the driver writes trained models."""

@@ -1,7 +1,6 @@
 """The console script, run as a user would (subprocesses)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, completed
 from datamodels.fit import load_datamodels
 from datamodels.store import RunStore
 
@@ -63,14 +62,6 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, needle):
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
-
-
-def completed(out) -> int:
-    """Complete models in the store at ``out`` so far (0 while it does not exist yet)."""
-    try:
-        return int(RunStore.open(out).complete_mask().sum())
-    except Exception:
-        return 0
 
 
 def test_ctrl_c_leaves_a_consistent_store_and_rerun_finishes(tmp_path):

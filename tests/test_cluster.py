@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import tiny_config
+from conftest import completed, tiny_config
 from datamodels import cluster as dm_cluster
 from datamodels.collect import collect
 from datamodels.errors import ClusterError
@@ -37,25 +37,29 @@ def cluster():
     c.shutdown()
 
 
-def completed(out) -> int:
-    try:
-        return int(RunStore.open(out).complete_mask().sum())
-    except Exception:
-        return 0
-
-
-def run_in_thread(fn):
+def collect_until(cluster, out, cfg, rows: int):
+    """Start ``collect`` on the cluster in a thread; return once ``rows`` models are written."""
     box = {}
 
     def target():
         try:
-            box["result"] = fn()
+            box["result"] = collect(cfg, out, address=cluster.address, progress=False)
         except BaseException as e:  # handed to the test
             box["error"] = e
 
     t = threading.Thread(target=target)
     t.start()
+    deadline = time.time() + 120
+    while completed(out) < rows and time.time() < deadline:
+        time.sleep(0.05)
+    assert completed(out) < cfg.collect.models, "the run finished before the cluster could change"
     return t, box
+
+
+def finish(t, box) -> dict:
+    t.join(timeout=240)
+    assert not t.is_alive() and "error" not in box, box.get("error")
+    return box["result"]
 
 
 def assert_rows_exactly_once(summary, out, cfg, m):
@@ -73,15 +77,9 @@ def test_a_node_removed_mid_run_moves_its_work_to_live_nodes(cluster, tmp_path):
     cluster.wait_for_nodes()
     cfg = tiny_config("collect.models=24", "collect.block_size=2", "train.epochs=6")
     out = tmp_path / "run"
-    t, box = run_in_thread(lambda: collect(cfg, out, address=cluster.address, progress=False))
-    deadline = time.time() + 120
-    while completed(out) < 4 and time.time() < deadline:
-        time.sleep(0.05)
-    assert completed(out) < 24, "the run finished before the node could be removed"
+    t, box = collect_until(cluster, out, cfg, 4)
     cluster.remove_node(doomed)
-    t.join(timeout=240)
-    assert not t.is_alive() and "error" not in box, box.get("error")
-    s = box["result"]
+    s = finish(t, box)
     assert_rows_exactly_once(s, out, cfg, 24)
     assert s["retried"] >= 1  # the doomed node's blocks in flight were trained again elsewhere
     assert keep.node_id in s["by_node"]
@@ -92,14 +90,9 @@ def test_a_node_added_mid_run_is_used(cluster, tmp_path):
     cluster.wait_for_nodes()
     cfg = tiny_config("collect.models=64", "collect.block_size=2", "train.epochs=6")
     out = tmp_path / "run"
-    t, box = run_in_thread(lambda: collect(cfg, out, address=cluster.address, progress=False))
-    deadline = time.time() + 120
-    while completed(out) < 2 and time.time() < deadline:
-        time.sleep(0.05)
+    t, box = collect_until(cluster, out, cfg, 2)
     late = cluster.add_node(num_cpus=1)
-    t.join(timeout=240)
-    assert "error" not in box, box.get("error")
-    s = box["result"]
+    s = finish(t, box)
     assert_rows_exactly_once(s, out, cfg, 64)
     assert s["by_node"].get(late.node_id, 0) > 0, s["by_node"]
 
