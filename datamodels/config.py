@@ -194,9 +194,9 @@ class VerifyConfig:
     """Verified brittleness: grow-then-bisect searches of k by retraining (docs/brittleness.md)."""
 
     models: int = field(default=2, metadata=_range(1, None, help="models K trained per check"))
-    targets: int = field(default=4, metadata=_range(0, None, help="targets the main job searches (sampled "
+    targets: int = field(default=3, metadata=_range(0, None, help="targets the main job searches (sampled "
                                                                   "among those classified correctly)"))
-    rounds: int = field(default=10, metadata=_range(1, None, help="checks per search at most"))
+    rounds: int = field(default=5, metadata=_range(1, None, help="checks per search at most"))
     method: str = field(
         default="datamodel",
         metadata=_help("ranking of `datamodels verify` and the main job: datamodel (the current fit), a fit's "
@@ -207,7 +207,7 @@ class VerifyConfig:
     modes: tuple[str, ...] = field(default=("remove", "flip"), metadata=_choice("remove", "flip"))
     start_k: int = field(default=8, metadata=_range(1, None, help="first k of a ranking without an estimate"))
     tolerance: float = field(
-        default=0.0, metadata=_range(0, 1, hi_open=True, help="bisection ends when the gap is <= max(1, "
+        default=0.25, metadata=_range(0, 1, hi_open=True, help="bisection ends when the gap is <= max(1, "
                                                               "tolerance * k) (0: the exact smallest k)"))
     max_k: int | None = field(default=None, metadata=_range(1, None, help="largest k a search tries "
                                                                           "(default N // 2)"))

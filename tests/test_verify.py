@@ -52,7 +52,7 @@ def planted_dataset(seed: int = 0) -> Dataset:
 def planted_config(*more):
     return tiny_config("train.epochs=10", "train.batch_size=16", "model.widths=[8, 16, 16, 16]",
                        "train.lr=0.2", "train.translate=0", "brittleness.full_models=3",
-                       "brittleness.thresholds=[0, -1]", "verify.models=3", "verify.rounds=4",
+                       "brittleness.thresholds=[0, -1]", "verify.models=3", "verify.rounds=4", "verify.tolerance=0",
                        "verify.start_k=2", *more)
 
 
