@@ -73,8 +73,13 @@ def cmd_brittleness(args) -> int:
     if not args.verify and any(getattr(args, a) is not None for a in ("sample", "verify_targets", "methods", "modes",
                                                                         "models", "rounds")):
         raise ConfigError("--sample, --verify-targets, --methods, --modes, --models and --rounds need --verify")
-    if args.verify:
+    if args.verify:  # bad search options fail before any training
+        from datamodels.store import RunStore
+        from datamodels.verify import _validate_modes, resolve_rankings
+
         _check_search_args(args)
+        resolve_rankings(RunStore.open(args.run), _split(args.methods) or cfg.verify.methods)
+        _validate_modes(_split(args.modes) or cfg.verify.modes)
     res = brittleness(args.run, targets=args.targets, cfg=cfg, cdf_path=args.cdf, address=args.address,
                       progress=not args.no_progress, takeover=args.takeover)
     keys = ("targets", "thresholds", "status", "baseline", "k_remove", "k_flip", "summary", "cdf")

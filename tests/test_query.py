@@ -146,7 +146,8 @@ def test_brittleness_and_verify_commands(analysed, tmp_path, capsys):
                       (["brittleness", str(run), "--sample", "3"], "need --verify"),
                       (["brittleness", str(run), "--verify", "--sample", "0"], "--sample: expected >= 1"),
                       (["brittleness", str(run), "--verify", "--methods", "oracle", "--verify-targets", "0"],
-                       "method 'oracle'")):
+                       "method 'oracle'"),
+                      (["brittleness", str(run), "--verify", "--modes", "erase", "--verify-targets", "0"], "--mode")):
         assert main(argv) == 2, argv
         assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit):
