@@ -54,7 +54,7 @@ def main():
     more = {"tolerance": args.tolerance} | ({"start_k": args.start_k} if args.start_k else {})
     cfg = dataclasses.replace(cfg, verify=dataclasses.replace(cfg.verify, **more))
     est = read_brittleness(store) if "brittleness" in store.group else None
-    if est is None or "pending" in set(est["status"].tolist()):
+    if est is None or "pending" in set(est["status"]):
         brittleness(args.run, cfg=cfg, address=args.address, progress=True)  # full-set models, once
     targets = sample_targets(RunStore.open(args.run), args.targets)
     modes = args.modes.split(",")

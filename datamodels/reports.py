@@ -114,7 +114,7 @@ _SEARCHED = ("verified", "not verified", "unfinished")
 def verified_cdf_table(results: list[dict]) -> tuple[np.ndarray, dict[tuple[str, str, str], np.ndarray]]:
     """CDFs over the searched targets of :func:`datamodels.verify.search` results.
 
-    Returns (ks (L,) = 1..largest k found, {(mode, method, "verified" | "estimated"): fraction
+    Returns (ks (L,) = 1..a little past the largest k found, {(mode, method, "verified" | "estimated"): fraction
     (L,) of the searched targets brittle to at most k}). Estimated curves exist for fits only;
     the denominator is the targets searched for that mode and method (the full-set models
     classify them correctly); an unverified (or unreachable) target never counts as brittle.
@@ -125,7 +125,7 @@ def verified_cdf_table(results: list[dict]) -> tuple[np.ndarray, dict[tuple[str,
             groups.setdefault((r["mode"], r["method"]), []).append(r)
     found = [r[key] for rs in groups.values() for r in rs for key in ("verified_k", "estimated_k")
              if r[key] is not None]
-    ks = np.arange(1, max(found, default=1) + 1)
+    ks = np.arange(1, int(np.ceil(1.3 * max(found, default=1))) + 2)  # room to see the last step
     curves = {}
     for (mode, method), rs in groups.items():
         kinds = ("verified", "estimated") if any(r["fit"] for r in rs) else ("verified",)
@@ -191,7 +191,7 @@ def write_verified_cdf(results: list[dict], base: str, *, models: int, trained: 
         ax.set_xlabel(f"k (training examples {what})")
         ax.set_title(f"{'removal' if mode == 'remove' else 'label flip'}: {len(searched)} targets")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
     axes[0, 0].set_ylabel("fraction of targets brittle to <= k")
     cost = f"{total} models in checks of K={models}" + (f", {trained} trained now" if trained is not None else "")
     fig.suptitle(f"verified brittleness (mean margin of K fresh models < 0); {cost}", fontsize=9)
