@@ -276,8 +276,16 @@ def main_job_analysis(run, cfg, *, address: str | None = None, progress: bool = 
     out = {"brittleness": {"summary": res["summary"], "cdf": res["cdf"]}, "verified": None, "verify": {}}
     if not cfg.verify.targets:
         return out
-    v = verified_brittleness(run, cfg, methods=[cfg.verify.method], modes=modes, address=address,
-                             progress=progress, takeover=takeover)
+    from datamodels.store import RunStore
+    from datamodels.verify import sample_targets
+
+    targets = sample_targets(RunStore.open(run), cfg.verify.targets)
+    if not targets:  # nothing to search is a finding, not an error, at the end of a long job
+        if not json_out:
+            print("verified brittleness: skipped (the full-set models classify no target correctly)")
+        return out
+    v = verified_brittleness(run, cfg, targets=targets, methods=[cfg.verify.method], modes=modes,
+                             address=address, progress=progress, takeover=takeover)
     out["verified"] = v
     out["verify"] = {mode: next(iter(by_method.values())) for mode, by_method in v["summary"].items()}
     if not json_out:

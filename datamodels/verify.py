@@ -67,6 +67,7 @@ __all__ = [
     "search_bounds",
     "next_k",
     "resolve_rankings",
+    "fit_order",
     "method_ids",
     "check_seed",
     "check_spec",
@@ -144,6 +145,26 @@ def _search_status(history: Sequence[tuple[int, bool]], rule: SearchRule) -> str
 
 
 # --------------------------------------------------------------------------- rankings and their ids
+
+
+def fit_order(weight_t: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """A fit's ranking (N,) for one target: its positively weighted examples, largest first;
+    then ``fallback`` (the representation baseline: the target's class, nearest first) where
+    the fit has nothing to say; then everything else by weight.
+
+    A sparse fit (lasso) gives most examples weight exactly 0; ordering those by index would
+    make a search that outgrows the positive weights remove examples of every class at random.
+    """
+    weight_t = np.asarray(weight_t, dtype=np.float64)
+    by_w = np.argsort(-weight_t, kind="stable")
+    first = by_w[weight_t[by_w] > 0]
+    taken = np.zeros(len(weight_t), dtype=bool)
+    taken[first] = True
+    fallback = np.asarray(fallback, dtype=np.int64)
+    second = fallback[~taken[fallback]]
+    taken[second] = True
+    return np.concatenate([first, second, by_w[~taken[by_w]]])
+
 
 
 @dataclass(frozen=True)
@@ -448,7 +469,8 @@ def search(run: str | Path | Location, targets: str | Sequence[int], *, modes: S
                                         "checks": [], "models": 0})
                         continue
                     if ranking.fit is not None:
-                        order = np.argsort(-w[:, correct.index(t)].astype(np.float64), kind="stable")
+                        order = fit_order(w[:, correct.index(t)],
+                                          an.ranking(t, "representation", full=full, dataset=dataset))
                         k_est = int(est[mode][correct.index(t)])
                         k_est = k_est if k_est > 0 else None
                     else:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import new_store, tiny_config
 from datamodels.baselines import METHODS
-from datamodels.brittleness import brittleness, class_ranking, read_brittleness
+from datamodels.brittleness import brittleness, class_ranking
 from datamodels.fullset import full_models
 from datamodels.data import Dataset, _make
 from datamodels.errors import ConfigError, StoreError
@@ -18,7 +18,7 @@ from datamodels.store import RunStore
 from datamodels.table import ModelTable
 from datamodels.fit import fit_names, load_datamodels, save_datamodels
 from datamodels.reports import verified_cdf_table, write_verified_cdf
-from datamodels.verify import (MODES, SearchRule, _search_status, method_ids, next_k, read_checks, search,
+from datamodels.verify import (MODES, SearchRule, _search_status, fit_order, method_ids, next_k, read_checks, search,
                                search_bounds, summarize_searches, verified_k, verify)
 from test_brittleness import write_datamodels
 
@@ -97,6 +97,13 @@ def test_search_grows_then_bisects_to_the_smallest_k(k_star, start):
     assert h[0][0] == start and all(1 <= k <= 100 for k, _ in h)
     assert len({k for k, _ in h}) == len(h)  # no k checked twice
     assert len(h) <= 2 * math.ceil(math.log2(100)) + 1  # grow and bisect: logarithmic each
+
+
+def test_a_fits_ranking_continues_along_the_fallback_past_its_positive_weights():
+    w = np.array([0.0, 0.5, -0.2, 0.0, 0.9, 0.0, -0.1])
+    order = fit_order(w, fallback=np.array([5, 4, 0]))  # e.g. the target's class, nearest first
+    assert order.tolist() == [4, 1, 5, 0, 3, 6, 2]  # positives, fallback, the rest by weight
+    assert fit_order(np.array([0.3, 0.1]), np.array([], dtype=np.int64)).tolist() == [0, 1]
 
 
 def test_search_limits_rounds_and_tolerance():
