@@ -236,6 +236,16 @@ class Analysis:
         return flip_labels(original, rule=bc.flip_label, num_classes=self.num_classes, ranking=ranking,
                            flip_class=bc.flip_class)
 
+    def fit_weights(self, name: str, targets: Sequence[int]) -> np.ndarray:
+        """Weights (N, S) of the run's fit ``name`` for ``targets`` (S,) (only those columns read)."""
+        from datamodels.fit import fit_group
+
+        targets = np.asarray(targets, dtype=np.int64)
+        if not len(targets):
+            return np.zeros((self.weight.shape[0], 0), dtype=np.float32)
+        arr = fit_group(self.store, name)["weight"]
+        return np.asarray(arr.get_orthogonal_selection((slice(None), targets)), dtype=np.float32)
+
     def ranking(self, target: int, method: str, full: FullModels | None = None,
                 dataset: Dataset | None = None) -> np.ndarray:
         """Ranked training indices for ``method`` (see :mod:`datamodels.baselines`)."""
@@ -333,11 +343,15 @@ def brittleness(run: str | Path | Location, *, targets: str | Sequence[int] | No
     return result
 
 
-def _cdf_base(run: Location, cdf_path) -> str:
+def _cdf_base(run: Location, cdf_path, *, verified: bool = False) -> str:
+    """Where a CDF report goes (without suffix): ``cdf_path``, else next to the store,
+    ``<run>_brittleness_cdf``; the verified figure adds ``_verified`` to a given path and is
+    ``<run>_verified_cdf`` by default."""
     if cdf_path is None:
-        return run.sibling(f"{run.name}_brittleness_cdf").url
+        return run.sibling(f"{run.name}_{'verified' if verified else 'brittleness'}_cdf").url
     text = str(cdf_path)
-    return text[: -4] if text.endswith((".csv", ".png")) else text
+    base = text[: -4] if text.endswith((".csv", ".png")) else text
+    return f"{base}_verified" if verified else base
 
 
 def read_brittleness(store: RunStore) -> dict:

@@ -148,7 +148,7 @@ def _print_lds(r: dict, *, json_out: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    """The main job: train, fit, evaluate (LDS), brittleness for all targets, verify a sample."""
+    """The main job: train, fit, evaluate (LDS), brittleness for all targets, verified k for a sample."""
     from datamodels.collect import collect
     from datamodels.evaluate import evaluate_run
     from datamodels.fit import fit_run
@@ -176,8 +176,6 @@ def cmd_run(args) -> int:
 
 def _print_summary(status: dict, lds: dict, analysis: dict) -> None:
     b = analysis["brittleness"]
-    v = analysis["verify"].get("remove", {})
-    rate = "n/a" if v.get("rate") is None else f"{v['rate']:.0%} ({v['verified']}/{v['checked']})"
     print("\nsummary")
     print(f"  models          {status['completed']} trained, mean test accuracy {status['mean_test_accuracy']:.4f}")
     print(f"  datamodels      LDS {lds['lds']:.3f} (noise ceiling "
@@ -188,8 +186,18 @@ def _print_summary(status: dict, lds: dict, analysis: dict) -> None:
             thr, q = next(iter(rows.items()))  # the first (highest) threshold
             qs = ", ".join(f"{p} {'>max' if q[p] is None else q[p]}" for p in ("q10", "q25", "q50"))
             print(f"  brittleness     {mode:<6} (C={thr}): k quantiles {qs}")
-    print(f"  verified        removal sets confirmed by retraining: {rate}")
-    print(f"  CDF plot        {b['cdf'].get('png')}")
+    v = analysis.get("verified")
+    if v:
+        for mode, by_method in v["summary"].items():
+            for method, s in by_method.items():
+                med = "n/a (fewer than half verified)" if s["median_k"] is None else f"{s['median_k']:g}"
+                print(f"  verified        {mode:<6} along {method}: upper bound for {s['verified']}/{s['checked']} "
+                      f"sampled targets, median k {med}")
+        print(f"  verified cost   {v['used']} full-set models (K={v['models']} per check; {v['trained']} trained "
+              "now)")
+        print(f"  CDF plots       {b['cdf'].get('png')}  {v['figure']['png']}")
+    else:
+        print(f"  CDF plot        {b['cdf'].get('png')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ import numpy as np
 
 from datamodels.errors import ConfigError
 
-__all__ = ["add_parsers", "cmd_brittleness", "cmd_verify", "cmd_query", "run_config", "main_job_analysis"]
+__all__ = ["add_parsers", "cmd_brittleness", "cmd_verify", "cmd_query", "run_config", "main_job_analysis",
+           "verified_brittleness"]
 
 _SETTABLE = ("brittleness.", "verify.", "resources.")
 
@@ -69,14 +70,92 @@ def cmd_brittleness(args) -> int:
     if args.full_models is not None:
         sets.append(f"brittleness.full_models={args.full_models}")
     cfg = run_config(args.run, sets)
+    if not args.verify and any(getattr(args, a) is not None for a in ("sample", "verify_targets", "methods", "modes",
+                                                                        "models", "rounds")):
+        raise ConfigError("--sample, --verify-targets, --methods, --modes, --models and --rounds need --verify")
+    if args.verify:  # bad search options fail before any training
+        from datamodels.store import RunStore
+        from datamodels.verify import _validate_modes, resolve_rankings
+
+        _check_search_args(args)
+        resolve_rankings(RunStore.open(args.run), _split(args.methods) or cfg.verify.methods)
+        _validate_modes(_split(args.modes) or cfg.verify.modes)
     res = brittleness(args.run, targets=args.targets, cfg=cfg, cdf_path=args.cdf, address=args.address,
                       progress=not args.no_progress, takeover=args.takeover)
+    keys = ("targets", "thresholds", "status", "baseline", "k_remove", "k_flip", "summary", "cdf")
+    out = {k: res[k] for k in keys}
+    if args.verify:
+        out["verified"] = verified_brittleness(
+            args.run, cfg, targets=args.verify_targets, sample=args.sample, methods=args.methods, modes=args.modes,
+            models=args.models, rounds=args.rounds, cdf_path=args.cdf, address=args.address,
+            progress=not args.no_progress, takeover=args.takeover)
     if args.json:
-        print(json.dumps(_jsonable({k: res[k] for k in ("targets", "thresholds", "status", "baseline", "k_remove",
-                                                          "k_flip", "summary", "cdf")}), indent=2))
+        print(json.dumps(_jsonable(out), indent=2))
         return 0
     _print_brittleness(res)
+    if args.verify:
+        _print_verified(out["verified"])
     return 0
+
+
+def _check_search_args(args) -> None:
+    for name in ("sample", "models", "rounds"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name}: expected >= 1, got {v}")
+    if getattr(args, "sample", None) is not None and getattr(args, "verify_targets", None) is not None:
+        raise ConfigError("pass only one of --sample N and --verify-targets LIST")
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [p for p in text.replace(" ", "").split(",") if p]
+
+
+def verified_brittleness(run, cfg, *, targets=None, sample: int | None = None, methods=None, modes=None,
+                         models: int | None = None, rounds: int | None = None, cdf_path=None,
+                         address: str | None = None, progress: bool = True, takeover: bool = False) -> dict:
+    """Grow-then-bisect searches for ``targets`` (or ``sample`` targets, default
+    cfg.verify.targets, drawn among those classified correctly), every ranking in ``methods``
+    and mode in ``modes``; writes the verified CDF figure next to the run. Returns {"targets",
+    "results", "summary", "models" (K), "trained" (models trained now), "used" (models in the
+    checks), "figure" (paths)}."""
+    from datamodels.brittleness import _cdf_base
+    from datamodels.reports import write_verified_cdf
+    from datamodels.store import RunStore
+    from datamodels.verify import sample_targets, search
+
+    store = RunStore.open(run)
+    if targets is None:
+        targets = sample_targets(store, cfg.verify.targets if sample is None else sample)
+    if not len(targets):
+        raise ConfigError("verify: no target to search (none is classified correctly by the full-set models)")
+    out = search(run, targets, modes=_split(modes) if isinstance(modes, str) else modes,
+                 methods=_split(methods) if isinstance(methods, str) else methods, models=models, rounds=rounds,
+                 cfg=cfg, address=address, progress=progress, takeover=takeover)
+    base = _cdf_base(store.loc, cdf_path, verified=True)
+    used = sum(r["models"] for r in out["results"])
+    fig = write_verified_cdf(out["results"], base, models=out["models"], trained=len(out["trained"]))
+    return {"targets": sorted({r["target"] for r in out["results"]}), "results": out["results"],
+            "summary": out["summary"], "models": out["models"], "trained": len(out["trained"]), "used": used,
+            "figure": fig}
+
+
+def _fmt_k(k) -> str:
+    return ">max" if k is None else f"{k:g}"
+
+
+def _print_verified(v: dict) -> None:
+    print(f"verified brittleness: {len(v['targets'])} targets, K={v['models']} models per check; "
+          f"{v['used']} models in the checks ({v['trained']} trained now)")
+    print(f"  {'mode':<7}{'method':<16}{'verified':>9}{'median k':>10}{'estimated':>11}{'checks':>8}{'models':>8}")
+    for mode, methods in v["summary"].items():
+        for method, s in methods.items():
+            est = _fmt_k(s["median_estimated_k"]) if s["fit"] else "-"
+            ok = f"{s['verified']}/{s['checked']}"
+            print(f"  {mode:<7}{method:<16}{ok:>9}{_fmt_k(s['median_k']):>10}{est:>11}{s['checks']:>8}"
+                  f"{s['models']:>8}")
+    print("  (median k over the searched targets; >max: fewer than half verified / reachable)")
+    print(f"  figure: {v['figure']['png']}  data: {v['figure']['csv']}  per target: {v['figure']['targets_csv']}")
 
 
 def _print_brittleness(res: dict) -> None:
@@ -102,13 +181,10 @@ def cmd_verify(args) -> int:
     cfg = run_config(args.run, list(args.set))
     if (args.targets is None) == (args.sample is None):
         raise ConfigError("verify: pass exactly one of --targets LIST or --sample N")
+    _check_search_args(args)
     targets = args.targets if args.targets is not None else sample_targets(RunStore.open(args.run), args.sample)
-    if args.models is not None and args.models < 1:
-        raise ConfigError(f"--models: expected >= 1, got {args.models}")
-    if args.rounds is not None and args.rounds < 1:
-        raise ConfigError(f"--rounds: expected >= 1, got {args.rounds}")
     if not len(targets):
-        raise ConfigError("verify: no target to verify (no target has an estimate)")
+        raise ConfigError("verify: no target to verify (none is classified correctly by the full-set models)")
     out = verify(args.run, targets, mode=args.mode, method=args.method, models=args.models, rounds=args.rounds,
                  cfg=cfg, address=args.address, progress=not args.no_progress, takeover=args.takeover)
     if args.json:
@@ -121,15 +197,19 @@ def cmd_verify(args) -> int:
 
 def _print_verify(out: dict) -> None:
     for r in out["results"]:
-        checks = ", ".join(f"k={c['k']}: mean margin {c['mean_margin']:+.3f} "
-                           f"({c['frac_misclassified']:.0%} misclassified) {'OK' if c['success'] else 'no'}"
+        checks = ", ".join(f"k={c['k']} {'OK' if c['success'] else 'no'} ({c['mean_margin']:+.2f})"
                            for c in r["checks"])
-        print(f"target {r['target']} [{r['mode']}/{r['method']}] {r['status']}"
-              + (f" with k={r['verified_k']}" if r["verified_k"] else "") + (f": {checks}" if checks else ""))
+        bound = ""
+        if r["verified_k"] is not None:
+            bound = f" k={r['verified_k']}" + ("" if r["exact"] else f" (k={r['lower']} failed)")
+        est = "" if r["fit"] is None else f"; estimated {_fmt_k(r['estimated_k'])}"
+        print(f"target {r['target']} [{r['mode']}/{r['method']}] {r['status']}{bound}{est}"
+              + (f": {checks}" if checks else ""))
     s = out["summary"]
     rate = "n/a" if s["rate"] is None else f"{s['rate']:.1%}"
-    print(f"verified {s['verified']}/{s['checked']} targets ({rate}); {s['skipped']} skipped; "
-          f"{len(out['trained'])} models trained now")
+    used = sum(r["models"] for r in out["results"])
+    print(f"verified {s['verified']}/{s['checked']} targets ({rate}); {s['skipped']} skipped (misclassified); "
+          f"{used} models in the checks, {len(out['trained'])} trained now")
 
 
 # --------------------------------------------------------------------------- query
@@ -179,33 +259,37 @@ def _print_query(r: dict) -> None:
 
 
 def main_job_analysis(run, cfg, *, address: str | None = None, progress: bool = True,
-                      modes: tuple[str, ...] = ("remove",), json_out: bool = False, takeover: bool = False) -> dict:
-    """The end of `datamodels run`: brittleness for all targets, then verification of
-    ``cfg.verify.targets`` targets sampled among those with an estimate (method
-    ``cfg.verify.method``, K = ``cfg.verify.models``, ``cfg.verify.rounds`` checks each), for each
-    mode in ``modes``. Prints the CDF quantiles and the verified success rate (unless
-    ``json_out``); returns {"brittleness": summary and CDF paths, "verify": {mode: success_rate}}.
+                      modes: tuple[str, ...] | None = None, json_out: bool = False, takeover: bool = False) -> dict:
+    """The end of `datamodels run`: brittleness for all targets, then verified brittleness:
+    grow-then-bisect searches along the ranking ``cfg.verify.method`` (default: the current
+    fit) for ``cfg.verify.targets`` targets sampled among those classified correctly, in each
+    mode of ``modes`` (default cfg.verify.modes), K = ``cfg.verify.models`` models per check;
+    with the figure next to the run. Prints the CDF quantiles and the verified table (unless
+    ``json_out``); returns {"brittleness": summary and CDF paths, "verified": see
+    :func:`verified_brittleness` (None when no target is sampled), "verify": {mode: rate}}.
     """
     from datamodels.brittleness import brittleness
-    from datamodels.store import RunStore
-    from datamodels.verify import sample_targets, verify
 
     res = brittleness(run, cfg=cfg, address=address, progress=progress, takeover=takeover)
     if not json_out:
         _print_brittleness(res)
-    out = {"brittleness": {"summary": res["summary"], "cdf": res["cdf"]}, "verify": {}}
-    targets = sample_targets(RunStore.open(run), cfg.verify.targets) if cfg.verify.targets else []
-    for mode in modes:
-        if not targets:
-            out["verify"][mode] = {"checked": 0, "verified": 0, "rate": None, "skipped": 0}
-            continue
-        v = verify(run, targets, mode, cfg=cfg, address=address, progress=progress, takeover=takeover)
-        out["verify"][mode] = v["summary"]
+    out = {"brittleness": {"summary": res["summary"], "cdf": res["cdf"]}, "verified": None, "verify": {}}
+    if not cfg.verify.targets:
+        return out
+    from datamodels.store import RunStore
+    from datamodels.verify import sample_targets
+
+    targets = sample_targets(RunStore.open(run), cfg.verify.targets)
+    if not targets:  # nothing to search is a finding, not an error, at the end of a long job
         if not json_out:
-            s = v["summary"]
-            rate = "n/a" if s["rate"] is None else f"{s['rate']:.1%}"
-            print(f"verify ({mode}, {cfg.verify.method}, K={cfg.verify.models}): {s['verified']}/{s['checked']} "
-                  f"sampled targets verified ({rate})")
+            print("verified brittleness: skipped (the full-set models classify no target correctly)")
+        return out
+    v = verified_brittleness(run, cfg, targets=targets, methods=[cfg.verify.method], modes=modes,
+                             address=address, progress=progress, takeover=takeover)
+    out["verified"] = v
+    out["verify"] = {mode: next(iter(by_method.values())) for mode, by_method in v["summary"].items()}
+    if not json_out:
+        _print_verified(v)
     return out
 
 
@@ -220,44 +304,68 @@ def add_parsers(sub) -> None:
         return textwrap.fill(text, width=88)
 
     p = sub.add_parser(
-        "brittleness", help="estimate how few training examples hold each prediction up",
+        "brittleness", help="estimate how few training examples hold each prediction up (--verify: and check)",
         formatter_class=fmt,
         description=wrap("For each target rank training examples by datamodel weight (most supportive first) and "
                     "estimate, per threshold C in brittleness.thresholds, the smallest k whose removal (or "
                     "label flip) drives the predicted margin to C or below. The baseline margin is measured "
                     "on brittleness.full_models models trained on the full training set (trained here, with "
-                    "Ray, once). Stores RUN/brittleness/ and writes the CDF over targets as CSV and PNG."),
+                    "Ray, once). Stores RUN/brittleness/ and writes the CDF over targets as CSV and PNG.")
+        + "\n\n" + wrap("--verify: then, for a sample of the targets the full-set models classify correctly, "
+                    "search by retraining the smallest k along each ranking (--methods: the run's fits and "
+                    "the baselines) whose removal or label flip (--modes) makes the target's mean margin "
+                    "over K fresh full-set models negative: grow k from the ranking's estimate (doubling) "
+                    "until a check succeeds, then bisect. Every check is stored in RUN/verify/ and never "
+                    "retrained. Draws the fraction of targets brittle to <= k, estimated and verified, per "
+                    "method, removal and flip (RUN_verified_cdf.png next to the store)."),
         epilog="examples:\n  datamodels brittleness runs/digits\n"
                "  datamodels brittleness runs/digits --targets 0-99 --set brittleness.thresholds=[0,-1]\n"
+               "  datamodels brittleness runs/digits --verify --sample 20 --models 4\n"
+               "  datamodels brittleness runs/digits --verify --methods lasso,pixel --modes remove "
+               "--verify-targets 3,17\n"
                "needs: datamodels fit RUN")
     _common(p)
     p.add_argument("--targets", default=None, help="targets: all (default) or a list like 0,5,10-19")
     p.add_argument("--full-models", type=int, default=None, help="full-set models F (brittleness.full_models)")
     p.add_argument("--cdf", default=None, metavar="PATH",
                    help="write the CDF to PATH.csv and PATH.png (default: next to the store, "
-                        "RUN_brittleness_cdf.csv/.png)")
+                        "RUN_brittleness_cdf.csv/.png); the verified figure to PATH_verified.*")
+    g = p.add_argument_group("verified brittleness (retrains K models per check)")
+    g.add_argument("--verify", action="store_true", help="search verified k by retraining and draw the figure")
+    g.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="targets searched: N sampled (seeded) among those classified correctly (default "
+                        "verify.targets)")
+    g.add_argument("--verify-targets", default=None, metavar="LIST", help="instead of --sample: these targets")
+    g.add_argument("--methods", default=None, metavar="LIST",
+                   help="rankings, comma-separated: fit names, datamodel (the current fit), fits (every fit), "
+                        "representation, pixel, random (default verify.methods: fits and the three baselines)")
+    g.add_argument("--modes", default=None, metavar="LIST", help="remove, flip or remove,flip (default verify.modes)")
+    g.add_argument("--models", type=int, default=None, help="models K per check (default verify.models)")
+    g.add_argument("--rounds", type=int, default=None, help="checks per search at most (default verify.rounds)")
     p.set_defaults(fn=cmd_brittleness)
 
     p = sub.add_parser(
-        "verify", help="retrain without (or with flipped) estimated sets and check the target flips",
+        "verify", help="find by retraining the smallest k along a ranking that flips each target",
         formatter_class=fmt,
-        description=wrap("For each target train K fresh models on the full training set minus the estimated set "
-                    "(--mode remove) or with its labels flipped (--mode flip), and call the check a success "
-                    "when the target's mean margin is below 0. Starts at the k of the first threshold (C=0) "
-                    "and moves to the next threshold's k after a failure, up to --rounds checks. Every check "
-                    "is recorded in RUN/verify/; re-running never retrains a recorded check."),
+        description=wrap("For each target train K fresh models on the full training set minus the first k "
+                    "examples of a ranking (--mode remove) or with their labels flipped (--mode flip); a check "
+                    "succeeds when the target's mean margin is below 0. The search starts at the ranking's "
+                    "estimate (a fit) or verify.start_k (a baseline), doubles k until a check succeeds, then "
+                    "bisects down to the smallest k that succeeds, up to --rounds checks. Every check is "
+                    "recorded in RUN/verify/; re-running never retrains a recorded check."),
         epilog="examples:\n  datamodels verify runs/digits --targets 3,17 --mode remove\n"
-               "  datamodels verify runs/digits --sample 20 --mode flip --method random --models 8\n"
+               "  datamodels verify runs/digits --sample 20 --mode flip --method random --models 4\n"
+               "  datamodels verify runs/digits --targets 3 --method ridge --set verify.tolerance=0.1\n"
                "needs: datamodels brittleness RUN")
     _common(p)
     p.add_argument("--targets", default=None, help="targets to verify, e.g. 3,17,40-45")
     p.add_argument("--sample", type=int, default=None, metavar="N",
-                   help="instead of --targets: N targets sampled (seeded) among those with an estimate")
+                   help="instead of --targets: N targets sampled (seeded) among those classified correctly")
     p.add_argument("--mode", choices=["remove", "flip"], default="remove", help="remove (default) or flip the set")
-    p.add_argument("--method", choices=["datamodel", "representation", "pixel", "random"], default=None,
-                   help="how the set is chosen: datamodel weights (default: verify.method), or a baseline "
-                        "among the target's class: nearest in full-model representation, nearest in pixels, "
-                        "random")
+    p.add_argument("--method", default=None,
+                   help="the ranking: datamodel (the current fit; default verify.method), a fit's name, or a "
+                        "baseline among the target's class: representation (nearest in full-model features), "
+                        "pixel (nearest in pixels), random")
     p.add_argument("--models", type=int, default=None, help="models K per check (default: verify.models)")
     p.add_argument("--rounds", type=int, default=None, help="checks per target at most (default: verify.rounds)")
     p.set_defaults(fn=cmd_verify)

@@ -191,12 +191,26 @@ class BrittlenessConfig:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """Retraining checks of estimated sets."""
+    """Verified brittleness: grow-then-bisect searches of k by retraining (docs/brittleness.md)."""
 
-    models: int = field(default=4, metadata=_range(1, None, help="models K trained per check"))
-    targets: int = field(default=20, metadata=_range(0, None, help="targets verified by the main job"))
-    rounds: int = field(default=3, metadata=_range(1, None, help="coarse threshold search: checks per target"))
-    method: str = field(default="datamodel", metadata=_choice("datamodel", "representation", "pixel", "random"))
+    models: int = field(default=2, metadata=_range(1, None, help="models K trained per check"))
+    targets: int = field(default=3, metadata=_range(0, None, help="targets the main job searches (sampled "
+                                                                  "among those classified correctly)"))
+    rounds: int = field(default=5, metadata=_range(1, None, help="checks per search at most"))
+    method: str = field(
+        default="datamodel",
+        metadata=_help("ranking of `datamodels verify` and the main job: datamodel (the current fit), a fit's "
+                       "name, representation, pixel or random"))
+    methods: tuple[str, ...] = field(
+        default=("fits", "representation", "pixel", "random"),
+        metadata=_help("rankings `datamodels brittleness --verify` compares (fits: every stored fit)"))
+    modes: tuple[str, ...] = field(default=("remove", "flip"), metadata=_choice("remove", "flip"))
+    start_k: int = field(default=8, metadata=_range(1, None, help="first k of a ranking without an estimate"))
+    tolerance: float = field(
+        default=0.25, metadata=_range(0, 1, hi_open=True, help="bisection ends when the gap is <= max(1, "
+                                                              "tolerance * k) (0: the exact smallest k)"))
+    max_k: int | None = field(default=None, metadata=_range(1, None, help="largest k a search tries "
+                                                                          "(default N // 2)"))
 
 
 @dataclass(frozen=True)
@@ -355,8 +369,10 @@ def _coerce(value, tp, where: str):
 
 
 def _check_meta(value, meta, where: str):
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{where}: expected one of {list(meta['choices'])}, got {value!r}")
+    if "choices" in meta:
+        for v in value if isinstance(value, tuple) else (value,):
+            if v not in meta["choices"]:
+                raise ConfigError(f"{where}: expected one of {list(meta['choices'])}, got {v!r}")
     if "range" in meta and value is not None:
         lo, hi, lo_open, hi_open = meta["range"]
         values = value if isinstance(value, tuple) else (value,)

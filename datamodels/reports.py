@@ -1,5 +1,6 @@
 """Reports over targets: the brittleness CDF (fraction of targets brittle to at most k), its
-quantiles, and its CSV and plot.
+quantiles, and its CSV and plot; and the verified CDF of searched targets, estimated and
+verified, per ranking method and mode (:func:`write_verified_cdf`).
 
 ``status`` arrays hold each target's estimate status by name (see
 :data:`datamodels.brittleness.STATUS`); the denominator of every fraction is the targets the
@@ -16,7 +17,7 @@ import numpy as np
 
 from datamodels.storage import write_file
 
-__all__ = ["cdf_table", "summarize", "write_cdf"]
+__all__ = ["cdf_table", "summarize", "write_cdf", "verified_cdf_table", "write_verified_cdf"]
 
 _COUNTED = ("estimated", "unreachable")
 
@@ -102,3 +103,102 @@ def write_cdf(k_remove: np.ndarray, k_flip: np.ndarray, status, thresholds: Sequ
     plt.close(fig)
     png = write_file(f"{base}.png", buf.getvalue())
     return {"csv": csv, "png": png}
+
+
+# --------------------------------------------------------------------------- verified CDF
+
+
+_SEARCHED = ("verified", "not verified", "unfinished")
+
+
+def verified_cdf_table(results: list[dict]) -> tuple[np.ndarray, dict[tuple[str, str, str], np.ndarray]]:
+    """CDFs over the searched targets of :func:`datamodels.verify.search` results.
+
+    Returns (ks (L,) = 1..a little past the largest k found, {(mode, method, "verified" | "estimated"): fraction
+    (L,) of the searched targets brittle to at most k}). Estimated curves exist for fits only;
+    the denominator is the targets searched for that mode and method (the full-set models
+    classify them correctly); an unverified (or unreachable) target never counts as brittle.
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        if r["status"] in _SEARCHED:
+            groups.setdefault((r["mode"], r["method"]), []).append(r)
+    found = [r[key] for rs in groups.values() for r in rs for key in ("verified_k", "estimated_k")
+             if r[key] is not None]
+    ks = np.arange(1, int(np.ceil(1.3 * max(found, default=1))) + 2)  # room to see the last step
+    curves = {}
+    for (mode, method), rs in groups.items():
+        kinds = ("verified", "estimated") if any(r["fit"] for r in rs) else ("verified",)
+        for kind in kinds:
+            kk = np.asarray([r[f"{kind}_k"] if r[f"{kind}_k"] is not None else np.inf for r in rs])
+            curves[(mode, method, kind)] = (kk[None] <= ks[:, None]).sum(axis=1) / len(rs)
+    return ks, curves
+
+
+def write_verified_cdf(results: list[dict], base: str, *, models: int, trained: int | None = None) -> dict:
+    """Write the verified brittleness figure and its data next to a run.
+
+    ``base.png``: one panel per mode (removal, label flip); per ranking method the fraction of
+    searched targets brittle to at most k, verified by retraining (solid) and, for fits, as
+    estimated by the datamodel (dashed, same colour). ``base.csv``: k, then one column per
+    (mode, method, verified|estimated). ``base_targets.csv``: one row per target, mode and
+    method (status, estimated k, verified k, largest failed k, checks, models). ``models`` is K
+    (models per check); ``trained`` the models trained by the call that produced ``results``.
+    Returns {"csv", "png", "targets_csv"}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks, curves = verified_cdf_table(results)
+    cols = sorted(curves, key=lambda c: (c[0] != "remove", c[0], c[1], c[2] != "verified"))
+    table = np.hstack([ks[:, None]] + [curves[c][:, None] for c in cols]) if cols else ks[:, None]
+    text = io.StringIO()
+    np.savetxt(text, table, delimiter=",", header=",".join(["k"] + ["/".join(c) for c in cols]), comments="",
+               fmt=["%d"] + ["%.6f"] * len(cols))
+    csv = write_file(f"{base}.csv", text.getvalue().encode())
+
+    rows = io.StringIO()
+    rows.write("target,mode,method,status,estimated_k,verified_k,lower,checks,models\n")
+    for r in results:
+        vals = [r["target"], r["mode"], r["method"], r["status"], r["estimated_k"], r["verified_k"], r["lower"],
+                len(r["checks"]), r["models"]]
+        rows.write(",".join("" if v is None else str(v) for v in vals) + "\n")
+    targets_csv = write_file(f"{base}_targets.csv", rows.getvalue().encode())
+
+    modes = [m for m in ("remove", "flip") if any(c[0] == m for c in curves)] or ["remove"]
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.3), sharey=True, squeeze=False)
+    total = sum(r["models"] for r in results)
+    for ax, mode in zip(axes[0], modes):
+        searched = {r["target"] for r in results if r["mode"] == mode and r["status"] in _SEARCHED}
+        for method in methods:
+            rs = [r for r in results if r["mode"] == mode and r["method"] == method and r["status"] in _SEARCHED]
+            if (mode, method, "verified") not in curves:
+                continue
+            ok = sum(r["status"] == "verified" for r in rs)
+            lw = max(1.2, 3.0 - 0.5 * methods.index(method))  # curves that coincide stay visible
+            ax.step(ks, curves[(mode, method, "verified")], where="post", color=colors[method], lw=lw, alpha=0.85,
+                    label=f"{method}: verified ({ok}/{len(rs)})")
+            if (mode, method, "estimated") in curves:
+                ax.step(ks, curves[(mode, method, "estimated")], where="post", color=colors[method], lw=1.2,
+                        ls="--", label=f"{method}: estimated")
+        ax.set_xscale("log")
+        ax.set_xlim(1, max(2, int(ks[-1])))
+        ax.set_ylim(0, 1.02)
+        what = "removed" if mode == "remove" else "relabelled"
+        ax.set_xlabel(f"k (training examples {what})")
+        ax.set_title(f"{'removal' if mode == 'remove' else 'label flip'}: {len(searched)} targets")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0, 0].set_ylabel("fraction of targets brittle to <= k")
+    cost = f"{total} models in checks of K={models}" + (f", {trained} trained now" if trained is not None else "")
+    fig.suptitle(f"verified brittleness (mean margin of K fresh models < 0); {cost}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    png = write_file(f"{base}.png", buf.getvalue())
+    return {"csv": csv, "png": png, "targets_csv": targets_csv}

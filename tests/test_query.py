@@ -89,15 +89,15 @@ def test_query_json_prints_every_field(analysed, capsys):
 def test_query_reports_verification_and_plots(analysed, tmp_path, capsys):
     run, t = analysed
     res = query(run, t)
-    checks = res["verified"]["remove"]["datamodel"]["checks"]
+    checks = res["verified"]["remove"]["lasso"]["checks"]  # the current fit's ranking, by its name
     assert len(checks) == 1 and checks[0]["done"] and checks[0]["models"] == 1
     k0 = int(read_brittleness(RunStore.open(run))["k_remove"][t, 0])
     assert checks[0]["k"] == k0
-    assert res["verified"]["remove"]["datamodel"]["verified_k"] == (k0 if checks[0]["success"] else None)
+    assert res["verified"]["remove"]["lasso"]["verified_k"] == (k0 if checks[0]["success"] else None)
     png = tmp_path / "q.png"
     assert main(["query", str(run), str(t), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
-    assert f"target {t}:" in text and "supporters:" in text and "verified remove/datamodel" in text
+    assert f"target {t}:" in text and "supporters:" in text and "verified remove/lasso" in text
     assert png.stat().st_size > 2000
 
 
@@ -116,12 +116,38 @@ def test_brittleness_and_verify_commands(analysed, tmp_path, capsys):
     v = json.loads(capsys.readouterr().out)
     assert v["trained"] == 0 and v["results"][0]["target"] == t and v["summary"]["checked"] == 1
     assert main(["verify", str(run), "--targets", str(t), "--models", "1", "--rounds", "1", "--no-progress"]) == 0
-    assert f"target {t} [remove/datamodel]" in capsys.readouterr().out
+    assert f"target {t} [remove/lasso]" in capsys.readouterr().out
+    # Verified brittleness: searches along the fit and a baseline, then the figure.
+    cdf = tmp_path / "c"
+    assert main(["brittleness", str(run), "--targets", "0-9", "--set", "brittleness.full_models=2", "--cdf", str(cdf),
+                 "--verify", "--verify-targets", str(t), "--methods", "lasso,random", "--modes", "remove",
+                 "--models", "1", "--rounds", "2", "--no-progress", "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)["verified"]
+    assert v["targets"] == [t] and [r["method"] for r in v["results"]] == ["lasso", "random"]
+    assert v["results"][0]["checks"][0]["k"] == v["results"][0]["estimated_k"]  # starts at the estimate
+    assert all(1 <= len(r["checks"]) <= 2 for r in v["results"]) and v["used"] == sum(
+        len(r["checks"]) for r in v["results"])
+    assert v["trained"] <= v["used"] - 1  # the fixture's check is reused
+    assert set(v["summary"]["remove"]) == {"lasso", "random"}
+    png = tmp_path / "c_verified.png"
+    assert v["figure"]["png"] == str(png) and png.stat().st_size > 2000
+    assert (tmp_path / "c_verified.csv").read_text().startswith("k,remove/lasso/verified,remove/lasso/estimated")
+    # Again, printed: nothing trains, a table per method.
+    assert main(["brittleness", str(run), "--targets", "0-9", "--set", "brittleness.full_models=2", "--cdf", str(cdf),
+                 "--verify", "--verify-targets", str(t), "--methods", "lasso,random", "--modes", "remove",
+                 "--models", "1", "--rounds", "2", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "(0 trained now)" in text and "random" in text and str(png) in text
     # Bad input: exit 2 with a message naming what is wrong.
     for argv, msg in ((["verify", str(run), "--no-progress"], "exactly one of"),
                       (["verify", str(run), "--targets", "0", "--models", "0"], "--models"),
                       (["brittleness", str(run), "--set", "train.epochs=3"], "only brittleness"),
-                      (["verify", str(run), "--targets", "99999"], "[0, ")):
+                      (["verify", str(run), "--targets", "99999"], "[0, "),
+                      (["brittleness", str(run), "--sample", "3"], "need --verify"),
+                      (["brittleness", str(run), "--verify", "--sample", "0"], "--sample: expected >= 1"),
+                      (["brittleness", str(run), "--verify", "--methods", "oracle", "--verify-targets", "0"],
+                       "method 'oracle'"),
+                      (["brittleness", str(run), "--verify", "--modes", "erase", "--verify-targets", "0"], "--mode")):
         assert main(argv) == 2, argv
         assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -136,7 +162,9 @@ def test_main_job_analysis(analysed, tmp_path, capsys):
                       "verify.rounds=1")
     out = main_job_analysis(str(run), cfg, progress=False)
     text = capsys.readouterr().out
-    assert "k quantiles" in text and "sampled targets verified" in text
+    assert "k quantiles" in text and "verified brittleness: 1 targets" in text
     s = out["brittleness"]["summary"]
     assert s["targets"] == RunStore.open(run).dims["T"]
-    assert out["verify"]["remove"]["checked"] == 1
+    assert out["verify"]["remove"]["checked"] == 1 and set(out["verified"]["summary"]) == {"remove", "flip"}
+    assert out["verified"]["used"] == sum(len(r["checks"]) for r in out["verified"]["results"])  # K = 1
+    assert out["verified"]["figure"]["png"].endswith("run_verified_cdf.png")

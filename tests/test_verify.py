@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import new_store, tiny_config
 from datamodels.baselines import METHODS
-from datamodels.brittleness import brittleness, class_ranking, read_brittleness
+from datamodels.brittleness import brittleness, class_ranking
 from datamodels.fullset import full_models
 from datamodels.data import Dataset, _make
 from datamodels.errors import ConfigError, StoreError
 from datamodels.store import RunStore
 from datamodels.table import ModelTable
-from datamodels.verify import MODES, k_schedule, read_checks, verified_k, verify
+from datamodels.fit import fit_names, load_datamodels, save_datamodels
+from datamodels.reports import verified_cdf_table, write_verified_cdf
+from datamodels.verify import (MODES, SearchRule, _search_status, fit_order, method_ids, next_k, read_checks, search,
+                               search_bounds, summarize_searches, verified_k, verify)
 from test_brittleness import write_datamodels
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -47,7 +52,8 @@ def planted_dataset(seed: int = 0) -> Dataset:
 def planted_config(*more):
     return tiny_config("train.epochs=10", "train.batch_size=16", "model.widths=[8, 16, 16, 16]",
                        "train.lr=0.2", "train.translate=0", "brittleness.full_models=3",
-                       "brittleness.thresholds=[0, -1]", "verify.models=3", "verify.rounds=2", *more)
+                       "brittleness.thresholds=[0, -1]", "verify.models=3", "verify.rounds=4", "verify.tolerance=0",
+                       "verify.start_k=2", *more)
 
 
 @pytest.fixture(scope="module")
@@ -74,26 +80,69 @@ def planted(tmp_path_factory):
     return path, cfg, ds
 
 
-def test_k_schedule_dedupes_and_caps():
-    assert k_schedule([2, 3], [0, -1], 3) == [(2, [0.0]), (3, [-1.0])]
-    assert k_schedule([2, 2, 5, -1], [0, -0.5, -1, -2], 3) == [(2, [0.0, -0.5]), (5, [-1.0])]
-    assert k_schedule([1, 2, 3, 4], [0, -1, -2, -3], 2) == [(1, [0.0]), (2, [-1.0])]
-    assert k_schedule([-1, -1], [0, -1], 3) == []
+def simulate(k_star: int, rule: SearchRule) -> list[tuple[int, bool]]:
+    """Run a search against an oracle: removing the first k flips the target iff k >= k_star."""
+    history: list[tuple[int, bool]] = []
+    while (k := next_k(history, rule)) is not None:
+        history.append((k, k >= k_star))
+    return history
+
+
+@pytest.mark.parametrize("start", [1, 5, 8, 64, 100])
+@pytest.mark.parametrize("k_star", [1, 2, 3, 7, 8, 9, 33, 64, 99, 100])
+def test_search_grows_then_bisects_to_the_smallest_k(k_star, start):
+    h = simulate(k_star, SearchRule(start=start, limit=100, max_checks=30))
+    assert search_bounds(h) == (k_star - 1, k_star)  # exact: k_star works, k_star - 1 does not
+    assert _search_status(h, SearchRule(start=start, limit=100, max_checks=30)) == "verified"
+    assert h[0][0] == start and all(1 <= k <= 100 for k, _ in h)
+    assert len({k for k, _ in h}) == len(h)  # no k checked twice
+    assert len(h) <= 2 * math.ceil(math.log2(100)) + 1  # grow and bisect: logarithmic each
+
+
+def test_a_fits_ranking_continues_along_the_fallback_past_its_positive_weights():
+    w = np.array([0.0, 0.5, -0.2, 0.0, 0.9, 0.0, -0.1])
+    order = fit_order(w, fallback=np.array([5, 4, 0]))  # e.g. the target's class, nearest first
+    assert order.tolist() == [4, 1, 5, 0, 3, 6, 2]  # positives, fallback, the rest by weight
+    assert fit_order(np.array([0.3, 0.1]), np.array([], dtype=np.int64)).tolist() == [0, 1]
+
+
+def test_search_limits_rounds_and_tolerance():
+    # Beyond the limit: the limit itself is checked, fails, and the search ends unverified.
+    rule = SearchRule(start=8, limit=50, max_checks=30)
+    h = simulate(60, rule)
+    assert [k for k, _ in h] == [8, 16, 32, 50] and _search_status(h, rule) == "not verified"
+    # Out of checks before any success: unfinished (more rounds continue it).
+    rule = SearchRule(start=8, limit=100, max_checks=2)
+    h = simulate(60, rule)
+    assert [k for k, _ in h] == [8, 16] and _search_status(h, rule) == "unfinished"
+    # Out of checks after a success: a verified (not necessarily smallest) bound.
+    rule = SearchRule(start=8, limit=100, max_checks=3)
+    h = simulate(20, rule)
+    assert [k for k, _ in h] == [8, 16, 32] and search_bounds(h) == (16, 32)
+    assert _search_status(h, rule) == "verified"
+    # Tolerance: stop once the gap is within 25% of the bound.
+    for k_star in (5, 20, 37, 90):
+        h = simulate(k_star, SearchRule(start=8, limit=100, max_checks=30, tolerance=0.25))
+        lo, hi = search_bounds(h)
+        assert lo < k_star <= hi and hi - lo <= max(1, math.floor(0.25 * hi))
+        assert len(h) <= len(simulate(k_star, SearchRule(start=8, limit=100, max_checks=30)))
 
 
 def test_removing_exactly_the_planted_copies_flips_the_target(planted):
     path, cfg, ds = planted
     out = verify(path, [0], "remove", "datamodel", cfg=cfg, dataset=ds, progress=False)
     (r,) = out["results"]
-    assert r["status"] == "verified" and r["verified_k"] == COPIES
-    first, second = r["checks"]
-    assert first["k"] == 2 and sorted(first["indices"]) == [0, 1] and not first["success"]
-    assert first["mean_margin"] > 0  # one planted copy left is enough to hold the prediction
-    assert second["k"] == 3 and sorted(second["indices"]) == [0, 1, 2] and second["success"]
-    assert second["frac_misclassified"] == 1.0 and all(m < 0 for m in second["margins"])
-    assert len(out["trained"]) == 2 * 3 and out["summary"] == {"checked": 1, "verified": 1, "rate": 1.0,
-                                                                 "skipped": 0}
-    assert verified_k(read_checks(RunStore.open(path), target=0, mode="remove", method="datamodel")) == 3
+    assert r["method"] == "lasso" and r["fit"] == "lasso" and r["estimated_k"] == 2
+    assert r["status"] == "verified" and r["verified_k"] == COPIES and r["lower"] == 2 and r["exact"]
+    # Start at the estimate (2: fails), grow to 4 (succeeds), bisect to 3 (succeeds).
+    assert [(c["k"], c["success"]) for c in r["checks"]] == [(2, False), (4, True), (3, True)]
+    first, _, last = r["checks"]
+    assert sorted(first["indices"]) == [0, 1] and first["mean_margin"] > 0  # one planted copy holds it up
+    assert sorted(last["indices"]) == [0, 1, 2]
+    assert last["frac_misclassified"] == 1.0 and all(m < 0 for m in last["margins"])
+    assert len(out["trained"]) == 3 * 3 and r["models"] == 9
+    assert out["summary"] == {"checked": 1, "verified": 1, "rate": 1.0, "skipped": 0}
+    assert verified_k(read_checks(RunStore.open(path), target=0, mode="remove", method="lasso")) == 3
 
 
 def test_flipping_the_planted_copies_flips_the_target(planted):
@@ -101,15 +150,15 @@ def test_flipping_the_planted_copies_flips_the_target(planted):
     out = verify(path, [0], "flip", "datamodel", models=2, cfg=cfg, dataset=ds, progress=False)
     (r,) = out["results"]
     checks = read_checks(RunStore.open(path), target=0, mode="flip")
-    assert r["status"] == "verified"
-    k_flip = read_brittleness(RunStore.open(path))["k_flip"][0]
+    assert r["status"] == "verified" and 1 <= r["verified_k"] <= COPIES and r["exact"]
     runner_up = int(class_ranking(full_models(RunStore.open(path)).mean_logits()[0], 0)[0])
     assert runner_up in (1, 2)
-    assert r["verified_k"] in k_flip.tolist()
     for c in checks:
         original = ds.train_y.numpy()[c["indices"]]
         assert len(c["new_labels"]) == c["k"] and np.all(np.array(c["new_labels"]) != original)
-        assert set(c["new_labels"]) == {runner_up}  # all planted copies are labelled 0
+    for c in r["checks"]:
+        if c["k"] <= COPIES:
+            assert set(c["new_labels"]) == {runner_up}  # all planted copies are labelled 0
 
 
 def key(k, j, mode="remove", method="pixel"):
@@ -118,19 +167,19 @@ def key(k, j, mode="remove", method="pixel"):
 
 def test_pixel_baseline_verifies_and_resuming_does_not_retrain_finished_checks(planted):
     path, cfg, ds = planted
-    # Stop after the first check: rounds=1 records k=2 only (the datamodel's k schedule).
+    # Stop after the first check: rounds=1 records k=2 (verify.start_k) only.
     one = verify(path, [0], "remove", "pixel", models=2, rounds=1, cfg=cfg, dataset=ds, progress=False)
     (r,) = one["results"]
-    assert len(one["trained"]) == 2 and [c["k"] for c in r["checks"]] == [2] and r["status"] == "not verified"
+    assert sorted(one["trained"]) == [key(2, 0), key(2, 1)] and r["status"] == "unfinished"
     assert r["checks"][0]["indices"] == [0, 1]  # the nearest in pixels: exact copies (ties by index)
     table = ModelTable(RunStore.open(path).group["verify"]["models"])
     rows_k2 = table.rows_of([key(2, 0), key(2, 1)])
     margins = table.read("test_margins", rows_k2).copy()
-    # Resume with more rounds: only the next check trains, and it finds the planted answer.
-    two = verify(path, [0], "remove", "pixel", models=2, rounds=2, cfg=cfg, dataset=ds, progress=False)
-    assert sorted(two["trained"]) == [key(3, 0), key(3, 1)]
+    # Resume with more rounds: the search replays k=2 from the store and trains only k=4, then 3.
+    two = verify(path, [0], "remove", "pixel", models=2, rounds=3, cfg=cfg, dataset=ds, progress=False)
+    assert sorted(two["trained"]) == [key(3, 0), key(3, 1), key(4, 0), key(4, 1)]
     (r,) = two["results"]
-    assert r["status"] == "verified" and r["verified_k"] == 3 and sorted(r["checks"][1]["indices"]) == [0, 1, 2]
+    assert r["status"] == "verified" and r["verified_k"] == 3 and sorted(r["checks"][-1]["indices"]) == [0, 1, 2]
     assert np.array_equal(table.read("test_margins", rows_k2), margins)
     # A half-finished check (one model not complete, as after a crash) trains only that model.
     with RunStore.open(path).writing() as store:
@@ -138,27 +187,93 @@ def test_pixel_baseline_verifies_and_resuming_does_not_retrain_finished_checks(p
         (row,) = table.rows_of([key(3, 1)])
         lost = float(table.read("test_margins", [row])[0, 0])
         table.group["complete"][row] = False
-    three = verify(path, [0], "remove", "pixel", models=2, rounds=2, cfg=cfg, dataset=ds, progress=False)
+    three = verify(path, [0], "remove", "pixel", models=2, rounds=3, cfg=cfg, dataset=ds, progress=False)
     assert three["trained"] == [key(3, 1)]
     assert float(table.read("test_margins", [row])[0, 0]) == pytest.approx(lost, abs=1e-5)  # seeded by its key
     # Nothing left: nothing trains; the same answer comes back.
-    again = verify(path, [0], "remove", "pixel", models=2, rounds=2, cfg=cfg, dataset=ds, progress=False)
+    again = verify(path, [0], "remove", "pixel", models=2, rounds=3, cfg=cfg, dataset=ds, progress=False)
     assert again["trained"] == [] and again["results"][0]["verified_k"] == 3
+
+
+def test_any_stored_fit_ranks_the_search_under_a_stable_method_id(planted):
+    """A second fit ("ridge", not current) puts example 5 first, then the planted copies: its
+    search must follow that ranking, under its own method id, kept across calls."""
+    path, cfg, ds = planted
+    store = RunStore.open(path)
+    weight, bias, _ = load_datamodels(store, "lasso")
+    w = weight.copy()
+    base = float(full_models(store).baseline[0])
+    w[:, 0] = -0.01
+    w[5, 0], w[[0, 1, 2], 0] = base + 0.5, [0.3, 0.2, 0.1]  # estimated k = 1: removing example 5 alone
+    with store.writing():
+        save_datamodels(store, w, bias, attrs={"targets": "test", "created": "test"}, name="ridge",
+                        make_current=False)
+    assert fit_names(RunStore.open(path)) == ["lasso", "ridge"]
+    out = search(path, [0], modes=["remove"], methods="ridge", models=2, rounds=4, cfg=cfg, dataset=ds,
+                 progress=False)
+    (r,) = out["results"]
+    assert r["method"] == "ridge" and r["estimated_k"] == 1
+    assert [(c["k"], c["success"]) for c in r["checks"]] == [(1, False), (2, False), (4, True), (3, False)]
+    assert sorted(r["checks"][2]["indices"]) == [0, 1, 2, 5] and r["verified_k"] == 4 and r["exact"]
+    table = ModelTable(RunStore.open(path).group["verify"]["models"])
+    ids = method_ids(table)
+    assert {m: ids[m] for m in METHODS} == {m: i for i, m in enumerate(METHODS)}  # baselines keep 0-3
+    assert ids["fit:ridge"] >= len(METHODS)
+    assert {k[2] for k in out["trained"]} == {ids["fit:ridge"]}
+    # Every fit and a baseline in one call: nothing finished retrains, the ids stay.
+    again = search(path, [0], modes=["remove"], methods="fits,pixel", models=2, rounds=4, cfg=cfg, dataset=ds,
+                   progress=False)
+    assert [r["method"] for r in again["results"]] == ["lasso", "ridge", "pixel"]
+    assert not [k for k in again["trained"] if k[2] == ids["fit:ridge"]]
+    after = method_ids(ModelTable(RunStore.open(path).group["verify"]["models"]))
+    assert {m: after[m] for m in ids} == ids  # nothing renumbered
+    assert after["fit:lasso"] >= len(METHODS) and after["fit:lasso"] != after["fit:ridge"]
+    s = again["summary"]["remove"]
+    assert s["ridge"]["median_k"] == 4 and s["pixel"]["median_k"] == 3 and s["ridge"]["fit"]
+    with pytest.raises(ConfigError, match="'oracle'.*ridge"):
+        search(path, [0], methods="oracle", cfg=cfg, dataset=ds, progress=False)
 
 
 def test_verify_validates_its_input(planted, tmp_path):
     path, cfg, ds = planted
     with pytest.raises(ConfigError, match="--mode"):
         verify(path, [0], "erase", cfg=cfg, dataset=ds, progress=False)
-    with pytest.raises(ConfigError, match="--method"):
+    with pytest.raises(ConfigError, match="method 'oracle'"):
         verify(path, [0], "remove", "oracle", cfg=cfg, dataset=ds, progress=False)
     with pytest.raises(ConfigError, match=r"\[0, 4\)"):
         verify(path, [4], "remove", cfg=cfg, dataset=ds, progress=False)
-    # Targets the full-set models misclassify, or never reach C, are skipped with their status.
+    # No full-set models yet: the error names the command that trains them.
     bare = new_store(tmp_path / "bare", cfg, ds)
     write_datamodels(bare, np.zeros((ds.num_train, ds.num_test)), np.zeros(ds.num_test))
     with pytest.raises(StoreError, match="datamodels brittleness"):
         verify(tmp_path / "bare", [0], "remove", cfg=cfg, dataset=ds, progress=False)
+
+
+def test_verified_cdf_counts_unverified_targets_as_not_brittle(tmp_path):
+    def res(t, method, status, vk, ek=None, fit=None):
+        return {"target": t, "mode": "remove", "method": method, "fit": fit, "status": status, "verified_k": vk,
+                "estimated_k": ek, "lower": None, "checks": [{}] * 2, "models": 4}
+
+    results = [res(0, "lasso", "verified", 2, 1, "lasso"), res(1, "lasso", "verified", 4, None, "lasso"),
+               res(2, "lasso", "not verified", None, 3, "lasso"), res(3, "lasso", "misclassified", None),
+               res(0, "random", "verified", 4), res(1, "random", "unfinished", None),
+               res(2, "random", "not verified", None)]
+    ks, curves = verified_cdf_table(results)
+    assert ks.tolist() == [1, 2, 3, 4, 5, 6, 7]  # past the largest k, 4, so its step shows
+    assert np.allclose(curves[("remove", "lasso", "verified")], [0, 1 / 3, 1 / 3] + [2 / 3] * 4)
+    assert np.allclose(curves[("remove", "lasso", "estimated")], [1 / 3, 1 / 3] + [2 / 3] * 5)
+    assert np.allclose(curves[("remove", "random", "verified")], [0, 0, 0] + [1 / 3] * 4)
+    assert ("remove", "random", "estimated") not in curves
+    s = summarize_searches(results)["remove"]
+    assert s["lasso"]["median_k"] == 4 and s["lasso"]["checked"] == 3 and s["lasso"]["skipped"] == 1
+    assert s["random"]["median_k"] is None  # fewer than half verified
+    fig = write_verified_cdf(results, str(tmp_path / "v"), models=2, trained=6)
+    lines = (tmp_path / "v.csv").read_text().splitlines()
+    assert lines[0] == "k,remove/lasso/verified,remove/lasso/estimated,remove/random/verified"
+    assert lines[4].split(",")[0] == "4" and float(lines[4].split(",")[1]) == pytest.approx(2 / 3)
+    rows = (tmp_path / "v_targets.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(results) and rows[1].startswith("0,remove,lasso,verified,1,2")
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG" and fig["png"].endswith("v.png")
 
 
 def test_representation_and_random_baselines_rank_the_targets_class(planted):
