@@ -169,7 +169,7 @@ class FitConfig:
     trak_models: int = field(default=8, metadata=_range(1, None, help="models featurised for TRAK (table trak/pP)"))
     trak_dim: int = field(default=512, metadata=_range(8, None, help="projection dimension P of the per-example "
                                                                      "gradients (keep P < N)"))
-    trak_ridge: float = field(default=0.01, metadata=_range(0, None, lo_open=True,
+    trak_ridge: float = field(default=3.0, metadata=_range(0, None, lo_open=True,
                                                             help="ridge term of the TRAK kernel, relative to "
                                                                  "trace(Phi^T Phi) / P"))
 
