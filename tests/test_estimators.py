@@ -164,3 +164,19 @@ def test_cli_fit_estimator_json_and_keep_current(tmp_path):
     from datamodels.store import RunStore
 
     assert fit_names(RunStore.open(run)) == ["ridge"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_projected_grads_on_cuda_match_cpu():
+    from datamodels.model import ResNet9
+
+    torch.manual_seed(0)
+    model = ResNet9(1, 10, (4, 8, 8, 8)).eval()
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 3, 9, 1, 3, 2])
+    mean, std = torch.tensor(0.5).view(1, 1, 1, 1), torch.tensor(0.25).view(1, 1, 1, 1)
+    cpu = projected_grads(model, x, y, dim=16, seed=5, mean=mean, std=std)
+    dev = torch.device("cuda")
+    gpu = projected_grads(model.to(dev), x.to(dev), y.to(dev), dim=16, seed=5, mean=mean.to(dev), std=std.to(dev))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-3)
