@@ -1,8 +1,10 @@
-"""Fit stage: one sparse linear datamodel per target from a run's masks and margins.
+"""Fit stage: one linear datamodel per target from a run's masks and margins (and gradients).
 
 Reads the complete rows of the collect table, leaves out models whose margins are NaN or
-infinite (diverged training; counted and reported), and calls
-:func:`datamodels.solver.fit_lasso`, which streams the masks in row blocks.
+infinite (diverged training; counted and reported), and fits them with ``fit.estimator``:
+``lasso`` (:func:`datamodels.solver.fit_lasso`, streaming the masks in row blocks), ``ridge``,
+``trak`` or ``trak-ridge`` (:mod:`datamodels.estimators`; the TRAK estimators first train their
+featurised models through the spec path, table ``trak/p<P>``). See docs/estimators.md.
 
 Where it runs (``resources.fit_on``): in the driver, or as a Ray task on a cluster node with
 ``resources.fit_cpus/fit_gpus/fit_memory_gb`` (the GPU node, not a CPU-only head). A remote fit
@@ -39,7 +41,7 @@ import numpy as np
 import zarr
 
 from datamodels.config import FitConfig, ResourcesConfig, RunConfig
-from datamodels.errors import StoreError
+from datamodels.errors import ConfigError, StoreError
 from datamodels.estimators import EstimatorFit, fit_ridge, fit_trak, mask_stats
 from datamodels.solver import LassoFit, fit_lasso
 from datamodels.storage import Location
@@ -158,14 +160,10 @@ def _fit_estimator(store: RunStore, X: RowView, Y: RowView, cfg: FitConfig, *, d
         raise StoreError(f"{store.loc} has no TRAK models for P={cfg.trak_dim}; run `datamodels fit {store.loc} "
                          f"--estimator {cfg.estimator}`, which trains them")
     g = table.group
-    tgrads = [g["test_grads"]] + ([g["train_grads"]] if cfg.targets == "test+train" else [])
-    tmargins = [g["test_margins"]] + ([g["train_margins"]] if cfg.targets == "test+train" else [])
-    if cfg.targets == "test+train":  # train-example targets need train margins: only collect rows have them
-        raise StoreError("fit.targets=test+train is supported by the lasso and ridge estimators only")
-    sources.append((RowView([g["masks"]], trak_rows), RowView(tmargins, trak_rows)))
+    sources.append((RowView([g["masks"]], trak_rows), RowView([g["test_margins"]], trak_rows)))
     stats = mask_stats(sources, block_rows=cfg.block_rows)
-    tau = trak_scores((g["train_grads"][int(r)] for r in trak_rows),
-                      (np.hstack([a[int(r)] for a in tgrads]) for r in trak_rows), ridge=cfg.trak_ridge, device=device)
+    tau = trak_scores((g["train_grads"][int(r)] for r in trak_rows), (g["test_grads"][int(r)] for r in trak_rows),
+                      ridge=cfg.trak_ridge, device=device)
     fit = fit_trak(stats, tau, combine=cfg.estimator == "trak-ridge", grid=cfg.ridge_grid, device=device)
     fit.arrays["trak_rows"] = np.asarray(trak_rows)
     return fit
@@ -195,6 +193,9 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
     run_cfg = store.config
     cfg = cfg or run_cfg.fit
     resources = resources or run_cfg.resources
+    if cfg.estimator in ("trak", "trak-ridge") and cfg.targets != "test":
+        raise ConfigError(f"fit.targets={cfg.targets}: the {cfg.estimator} estimator fits test targets only "
+                          "(TRAK models record no margins on training examples); use lasso or ridge")
     t0 = time.perf_counter()
     rows, dropped = usable_rows(store, cfg.targets)
     n_complete = len(rows) + dropped

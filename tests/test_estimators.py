@@ -180,3 +180,16 @@ def test_projected_grads_on_cuda_match_cpu():
     dev = torch.device("cuda")
     gpu = projected_grads(model.to(dev), x.to(dev), y.to(dev), dim=16, seed=5, mean=mean.to(dev), std=std.to(dev))
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-3)
+
+
+def test_trak_estimators_refuse_training_targets_before_training_anything(tmp_path):
+    from datamodels.collect import collect
+    from datamodels.errors import ConfigError
+    from datamodels.fit import fit_run
+    from datamodels.store import RunStore
+
+    cfg = tiny_config("resources.executor=local", "collect.models=4")
+    collect(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="test targets only"):
+        fit_run(tmp_path / "r", tiny_config("fit.estimator=trak", "fit.targets=test+train").fit, resources=cfg.resources)
+    assert "trak" not in RunStore.open(tmp_path / "r").group
