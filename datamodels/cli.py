@@ -104,14 +104,16 @@ def cmd_fit(args) -> int:
     from datamodels.fit import fit_run
 
     sets = list(args.set)
-    for flag, key in (("targets", "targets"), ("backend", "backend"), ("device", "device")):
+    for flag, key in (("estimator", "estimator"), ("targets", "targets"), ("backend", "backend"),
+                      ("device", "device")):
         if getattr(args, flag) is not None:
             sets.append(f"fit.{key}={getattr(args, flag)}")
     from datamodels.cli_analysis import run_config
 
     run_cfg = run_config(args.run, sets, settable=("fit.", "resources."))
     summary = fit_run(args.run, run_cfg.fit, resources=run_cfg.resources, address=args.address,
-                      progress=_fit_progress(not args.no_progress), takeover=args.takeover)
+                      progress=None if args.no_progress else _fit_progress(True), takeover=args.takeover,
+                      make_current=not args.keep_current)
     _print_fit(summary, json_out=args.json)
     return 0
 
@@ -120,10 +122,18 @@ def _print_fit(s: dict, *, json_out: bool) -> None:
     if json_out:
         print(json.dumps(s, indent=2))
         return
-    print(f"fit: {s['models_used']} models ({s['n_train']} fit + {s['n_val']} validation), "
-          f"{s['models_left_out']} left out (non-finite margins); targets: {s['targets']}; "
-          f"backend {s['fit']['backend']}, {s['seconds']:.1f} s ({'in the driver' if s['ran_on'] == 'driver' else 'as a Ray task'})")
-    print(f"  mean non-zeros per datamodel: {s['mean_nnz']:.1f}   mean validation MSE: {s['mean_val_mse']:.4f}")
+    where = "in the driver" if s["ran_on"] == "driver" else "as a Ray task"
+    name = s.get("name", "lasso")
+    if name == "lasso":
+        print(f"fit lasso: {s['models_used']} models ({s['n_train']} fit + {s['n_val']} validation), "
+              f"{s['models_left_out']} left out (non-finite margins); targets: {s['targets']}; "
+              f"backend {s['fit']['backend']}, {s['seconds']:.1f} s ({where})")
+        print(f"  mean non-zeros per datamodel: {s['mean_nnz']:.1f}   mean validation MSE: {s['mean_val_mse']:.4f}")
+    else:
+        trak = f", {s['trak_models']} of them featurised for TRAK (P={s['fit']['trak_dim']})" if s["trak_models"] else ""
+        print(f"fit {name}: {s['models_used']} models{trak}, {s['models_left_out']} left out (non-finite margins); "
+              f"targets: {s['targets']}; {s['seconds']:.1f} s ({where})")
+        print(f"  mean non-zeros per datamodel: {s['mean_nnz']:.1f}   stored as fit {name!r}")
 
 
 def cmd_evaluate(args) -> int:
@@ -230,15 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=int, default=None, help="models M to have in total (collect.models)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("fit", help="fit one sparse linear datamodel per target",
-                       description="Fit min (1/2M)||y_t - b - X w||^2 + lam_t ||w||_1 per target t on the "
-                                   "run's complete models (lambda path on standardised features, lambda "
-                                   "chosen per target on held-out models, refit on all). Stores weights "
-                                   "in raw-mask units in RUN/datamodels/; replaces a previous fit only "
-                                   "once the new one is complete.",
-                       epilog="Other fit keys: --set fit.n_lambdas=60 --set fit.eps=1e-4 --set fit.val_fraction=0.2",
+    p = sub.add_parser("fit", help="fit one linear datamodel per target (lasso, ridge, TRAK, ...)",
+                       description="Fit one linear datamodel per target t with an estimator: lasso (default): "
+                                   "min (1/2M)||y_t - b - X w||^2 + lam_t ||w||_1 on the run's complete models "
+                                   "(lambda path on standardised features, lambda chosen per target on held-out "
+                                   "models, refit on all); ridge: an L2 penalty chosen per target by GCV; trak: "
+                                   "TRAK scores from per-example gradients of fit.trak_models models trained "
+                                   "for it, calibrated to margins; trak-ridge: ridge on the masks shrunk towards "
+                                   "TRAK (docs/estimators.md). Every estimator stores weights in raw-mask units "
+                                   "in RUN/datamodels/ under its own name (several coexist); a new fit replaces "
+                                   "the one of the same name only once complete.",
+                       epilog="Other fit keys: --set fit.n_lambdas=60 --set fit.eps=1e-4 --set fit.val_fraction=0.2\n"
+                              "  --set fit.trak_models=16 --set fit.trak_dim=512 --set fit.trak_ridge=0.01",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run store (directory or URL)")
+    p.add_argument("--estimator", choices=["lasso", "ridge", "trak", "trak-ridge"], default=None,
+                   help="how to estimate the datamodels (default: fit.estimator of the run, lasso)")
+    p.add_argument("--keep-current", action="store_true",
+                   help="store this fit beside the others without making it the one later stages read")
     p.add_argument("--targets", choices=["test", "test+train"], default=None,
                    help="test targets (default) or training examples too")
     p.add_argument("--backend", choices=["torch", "sklearn"], default=None,

@@ -141,8 +141,12 @@ class CollectConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Sparse linear datamodels: a lasso path per target, lambda chosen on held-out models."""
+    """Linear datamodels (N, T) + bias per target, by one of several estimators (docs/estimators.md)."""
 
+    estimator: str = field(
+        default="lasso", metadata=_choice("lasso", "ridge", "trak", "trak-ridge",
+                                          help="lasso/ridge on masks, TRAK from gradients, or ridge on "
+                                               "masks shrunk towards TRAK"))
     targets: str = field(
         default="test", metadata=_choice("test", "test+train", help="fit test targets, or training examples too")
     )
@@ -160,6 +164,14 @@ class FitConfig:
         default=5, metadata=_range(1, None, help="end a target's path after this many lambdas without a "
                                                  "better validation MSE (null: whole path)"))
     min_models: int = field(default=20, metadata=_range(4, None, help="complete models needed to fit"))
+    ridge_grid: int = field(default=25, metadata=_range(2, None, help="ridge penalties tried per target "
+                                                                      "(geometric, chosen on held-out models)"))
+    trak_models: int = field(default=8, metadata=_range(1, None, help="models featurised for TRAK (table trak/pP)"))
+    trak_dim: int = field(default=512, metadata=_range(8, None, help="projection dimension P of the per-example "
+                                                                     "gradients (keep P < N)"))
+    trak_ridge: float = field(default=3.0, metadata=_range(0, None, lo_open=True,
+                                                            help="ridge term of the TRAK kernel, relative to "
+                                                                 "trace(Phi^T Phi) / P"))
 
 
 @dataclass(frozen=True)

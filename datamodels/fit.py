@@ -1,8 +1,10 @@
-"""Fit stage: one sparse linear datamodel per target from a run's masks and margins.
+"""Fit stage: one linear datamodel per target from a run's masks and margins (and gradients).
 
 Reads the complete rows of the collect table, leaves out models whose margins are NaN or
-infinite (diverged training; counted and reported), and calls
-:func:`datamodels.solver.fit_lasso`, which streams the masks in row blocks.
+infinite (diverged training; counted and reported), and fits them with ``fit.estimator``:
+``lasso`` (:func:`datamodels.solver.fit_lasso`, streaming the masks in row blocks), ``ridge``,
+``trak`` or ``trak-ridge`` (:mod:`datamodels.estimators`; the TRAK estimators first train their
+featurised models through the spec path, table ``trak/p<P>``). See docs/estimators.md.
 
 Where it runs (``resources.fit_on``): in the driver, or as a Ray task on a cluster node with
 ``resources.fit_cpus/fit_gpus/fit_memory_gb`` (the GPU node, not a CPU-only head). A remote fit
@@ -26,6 +28,7 @@ the group it replaced is deleted: readers see the old fit or the new one, never 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -37,13 +40,16 @@ from typing import Callable
 import numpy as np
 import zarr
 
-from datamodels.config import FitConfig, ResourcesConfig
-from datamodels.errors import StoreError
+from datamodels.config import FitConfig, ResourcesConfig, RunConfig
+from datamodels.errors import ConfigError, StoreError
+from datamodels.estimators import EstimatorFit, fit_ridge, fit_trak, mask_stats
 from datamodels.solver import LassoFit, fit_lasso
 from datamodels.storage import Location
 from datamodels.store import RunStore
+from datamodels.table import ModelTable
+from datamodels.trak import TRAK_OUTPUTS, trak_scores, trak_spec, trak_table_path
 
-__all__ = ["fit_run", "fit_arrays", "save_datamodels", "load_datamodels", "fit_group", "fit_names", "RowView",
+__all__ = ["fit_run", "fit_arrays", "train_trak_models", "trak_table", "save_datamodels", "load_datamodels", "fit_group", "fit_names", "RowView",
            "usable_rows"]
 
 log = logging.getLogger(__name__)
@@ -90,9 +96,35 @@ def usable_rows(store: RunStore, targets: str = "test", block: int = 4096) -> tu
     return complete[keep], int((~keep).sum())
 
 
+def trak_table(store: RunStore, dim: int, *, create: bool = False) -> ModelTable | None:
+    """The table of TRAK's featurised models for projection dimension ``dim`` (None if absent)."""
+    parent, _, name = trak_table_path(dim).rpartition("/")
+    if not create:
+        return ModelTable(store.group[parent][name]) if parent in store.group and name in store.group[parent] else None
+    return ModelTable.require(store.group.require_group(parent), name, key_names=["m"], outputs=TRAK_OUTPUTS,
+                              dims={**store.dims, "P": int(dim)}, rows_per_chunk=1)
+
+
+def train_trak_models(store: RunStore, run_cfg: RunConfig, *, address: str | None = None, progress: bool = True,
+                      dataset=None) -> np.ndarray:
+    """Train (or resume) the ``fit.trak_models`` featurised models of ``run_cfg.fit``; return
+    their table rows. ``store`` must hold the run's claim."""
+    from datamodels.runner import run_specs
+
+    fc = run_cfg.fit
+    table = trak_table(store, fc.trak_dim, create=True)
+    specs = [trak_spec(run_cfg, m) for m in range(fc.trak_models)]
+    run_specs(store, table, specs, cfg=run_cfg, dataset=store.dataset(dataset), address=address,
+              progress=progress, desc=f"TRAK models (P={fc.trak_dim})")
+    return table.rows_of([s.key for s in specs])
+
+
 def fit_arrays(where: str | Location, rows: np.ndarray, cfg: FitConfig, seed: int, *,
-               progress: Callable[[int, int], None] | None = None) -> LassoFit:
-    """The numerics of the stage: open the run at ``where`` read-only and fit ``rows``.
+               progress: Callable[[int, int], None] | None = None,
+               trak_rows: np.ndarray | None = None) -> LassoFit | EstimatorFit:
+    """The numerics of the stage: open the run at ``where`` read-only and fit ``rows`` with
+    ``cfg.estimator`` (TRAK estimators also read ``trak_rows`` of the TRAK table, whose masks
+    and margins join the mask statistics).
 
     A plain function, so it runs the same in the driver and as a Ray task on another node.
     """
@@ -109,11 +141,32 @@ def fit_arrays(where: str | Location, rows: np.ndarray, cfg: FitConfig, seed: in
         device = "cuda" if torch.cuda.is_available() else "cpu"
     X = RowView([store.models_table().group["masks"]], rows)
     Y = RowView(_margin_arrays(store, cfg.targets), rows)
+    if cfg.estimator != "lasso":
+        return _fit_estimator(store, X, Y, cfg, device=device, trak_rows=trak_rows)
     return fit_lasso(
         X, Y, n_lambdas=cfg.n_lambdas, eps=cfg.eps, val_fraction=cfg.val_fraction, seed=seed,
         backend=cfg.backend, device=device, dtype=cfg.dtype, block_rows=cfg.block_rows, tol=cfg.tol,
         patience=cfg.patience, progress=progress,
     )
+
+
+def _fit_estimator(store: RunStore, X: RowView, Y: RowView, cfg: FitConfig, *, device: str,
+                   trak_rows: np.ndarray | None) -> EstimatorFit:
+    sources = [(X, Y)] if len(X.rows) else []
+    if cfg.estimator == "ridge":
+        return fit_ridge(mask_stats(sources, block_rows=cfg.block_rows), grid=cfg.ridge_grid, device=device)
+    table = trak_table(store, cfg.trak_dim)
+    if table is None or trak_rows is None or len(trak_rows) == 0:
+        raise StoreError(f"{store.loc} has no TRAK models for P={cfg.trak_dim}; run `datamodels fit {store.loc} "
+                         f"--estimator {cfg.estimator}`, which trains them")
+    g = table.group
+    sources.append((RowView([g["masks"]], trak_rows), RowView([g["test_margins"]], trak_rows)))
+    stats = mask_stats(sources, block_rows=cfg.block_rows)
+    tau = trak_scores((g["train_grads"][int(r)] for r in trak_rows), (g["test_grads"][int(r)] for r in trak_rows),
+                      ridge=cfg.trak_ridge, device=device)
+    fit = fit_trak(stats, tau, combine=cfg.estimator == "trak-ridge", grid=cfg.ridge_grid, device=device)
+    fit.arrays["trak_rows"] = np.asarray(trak_rows)
+    return fit
 
 
 def _where(resources: ResourcesConfig, store: RunStore, address: str | None) -> str:
@@ -125,8 +178,13 @@ def _where(resources: ResourcesConfig, store: RunStore, address: str | None) -> 
 
 def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
             progress: Callable[[int, int], None] | None = None, resources: ResourcesConfig | None = None,
-            address: str | None = None, takeover: bool = False) -> dict:
-    """Fit datamodels for a run and store them; return a summary.
+            address: str | None = None, takeover: bool = False, make_current: bool = True,
+            dataset=None) -> dict:
+    """Fit datamodels for a run with ``cfg.estimator`` and store them as the run's fit of that
+    name (``make_current``: later stages read it by default); return a summary.
+
+    TRAK estimators first train (or resume) their ``fit.trak_models`` featurised models through
+    the spec path (table ``trak/p<P>``); ``dataset`` is for hand-made data (tests).
 
     Raises StoreError when the run has fewer usable models than ``cfg.min_models`` (saying
     how many exist and how many are needed), before anything is computed.
@@ -135,13 +193,16 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
     run_cfg = store.config
     cfg = cfg or run_cfg.fit
     resources = resources or run_cfg.resources
+    if cfg.estimator in ("trak", "trak-ridge") and cfg.targets != "test":
+        raise ConfigError(f"fit.targets={cfg.targets}: the {cfg.estimator} estimator fits test targets only "
+                          "(TRAK models record no margins on training examples); use lasso or ridge")
     t0 = time.perf_counter()
     rows, dropped = usable_rows(store, cfg.targets)
     n_complete = len(rows) + dropped
     if dropped:
         log.warning("%d of %d complete models have NaN or infinite margins (diverged) and are left out",
                     dropped, n_complete)
-    if len(rows) < cfg.min_models:
+    if len(rows) < cfg.min_models and cfg.estimator not in ("trak", "trak-ridge"):
         raise StoreError(
             f"{store.loc}: {len(rows)} usable models (of {store.requested} requested, {n_complete} complete, "
             f"{dropped} with non-finite margins); fitting needs at least {cfg.min_models} "
@@ -149,22 +210,29 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
         )
     where = _where(resources, store, address)
     with store.writing(takeover=takeover):
+        trak_rows = None
+        if cfg.estimator in ("trak", "trak-ridge"):
+            run_cfg = dataclasses.replace(run_cfg, fit=cfg, resources=resources)
+            trak_rows = train_trak_models(store, run_cfg, address=address, progress=progress is not None,
+                                          dataset=dataset)
         if where == "cluster":
             from datamodels import cluster
 
             cluster.connect(address)
             log.info("fitting as a Ray task (%g CPUs, %g GPUs)", resources.fit_cpus, resources.fit_gpus)
-            result = cluster.run_remote(fit_arrays, store.loc.url, rows, cfg, run_cfg.seed,
+            result = cluster.run_remote(fit_arrays, store.loc.url, rows, cfg, run_cfg.seed, trak_rows=trak_rows,
                                         cpus=resources.fit_cpus, gpus=resources.fit_gpus,
                                         memory_gb=resources.fit_memory_gb, wait_timeout=resources.wait_timeout,
                                         what="fit task")
         else:
-            result = fit_arrays(store.loc, rows, cfg, run_cfg.seed, progress=progress)
+            result = fit_arrays(store.loc, rows, cfg, run_cfg.seed, progress=progress, trak_rows=trak_rows)
         attrs = {
+            "estimator": cfg.estimator,
             "fit": asdict(cfg),
             "targets": cfg.targets,
             "num_test_targets": int(store.dims["T"]),
-            "models_used": int(len(rows)),
+            "models_used": int(len(rows)) + (0 if trak_rows is None else len(trak_rows)),
+            "trak_models": 0 if trak_rows is None else int(len(trak_rows)),
             "models_left_out": dropped,
             "n_train": result.n_train,
             "n_val": result.n_val,
@@ -172,9 +240,16 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
             "ran_on": where,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        save_datamodels(store, result.weight, result.bias, attrs=attrs, arrays={
-            **{k: getattr(result, k) for k in ("lam", "val_mse", "nnz", "lambdas", "val_mse_path")}, "rows": rows})
-    return {**attrs, "mean_nnz": float(result.nnz.mean()), "mean_val_mse": float(result.val_mse.mean())}
+        if isinstance(result, LassoFit):
+            arrays = {k: getattr(result, k) for k in ("lam", "val_mse", "nnz", "lambdas", "val_mse_path")}
+        else:
+            arrays = {**result.arrays, "nnz": result.nnz}
+        save_datamodels(store, result.weight, result.bias, attrs=attrs, arrays={**arrays, "rows": rows},
+                        name=cfg.estimator, make_current=make_current)
+    out = {**attrs, "name": cfg.estimator, "mean_nnz": float(result.nnz.mean())}
+    if isinstance(result, LassoFit):
+        out["mean_val_mse"] = float(result.val_mse.mean())
+    return out
 
 
 def save_datamodels(store: RunStore, weight: np.ndarray, bias: np.ndarray, *, attrs: dict,

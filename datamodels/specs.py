@@ -35,6 +35,9 @@ OUTPUTS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     "train_logits": (("N", "K"), "float32", np.nan),
     "test_features": (("T", "D"), "float16", 0),  # penultimate layer
     "train_features": (("N", "D"), "float16", 0),
+    # per-example margin gradients, count-sketched to P = fit.trak_dim dims (TRAK's features)
+    "test_grads": (("T", "P"), "float32", np.nan),
+    "train_grads": (("N", "P"), "float32", np.nan),
 }
 
 
@@ -147,11 +150,18 @@ class ModelSpec:
         return config_from_dict(RunConfig, raw, source=f"spec {self.key} options")
 
 
-def _record(model, dataset: Dataset, cfg: RunConfig, outputs: tuple[str, ...], device) -> dict[str, np.ndarray]:
+def _record(model, dataset: Dataset, cfg: RunConfig, outputs: tuple[str, ...], device,
+            seed: int = 0) -> dict[str, np.ndarray]:
     kw = eval_options(dataset, cfg, device)
     out: dict[str, np.ndarray] = {}
     for split, x, y in (("test", dataset.test_x, dataset.test_y), ("train", dataset.train_x, dataset.train_y)):
         want = {o.split("_", 1)[1] for o in outputs if o.startswith(split + "_")}
+        if "grads" in want:
+            from datamodels.trak import projected_grads
+
+            out[f"{split}_grads"] = projected_grads(model, x.to(device), y.to(device), dim=cfg.fit.trak_dim,
+                                                    seed=seed, mean=kw["mean"], std=kw["std"]).cpu().numpy()
+            want.discard("grads")
         if not want:
             continue
         logits, feats = predict(model, x.to(device), features="features" in want, **kw)
@@ -178,7 +188,7 @@ def train_spec(dataset: Dataset, cfg: RunConfig, spec: ModelSpec, *,
     model = train_on(dataset, torch.from_numpy(np.flatnonzero(mask)), cfg, spec.seed,
                      labels=spec.train_labels(dataset.train_y), device=device)
     out: dict[str, Any] = {"key": spec.key, "mask": mask}
-    out.update(_record(model, dataset, cfg, spec.outputs, device))
+    out.update(_record(model, dataset, cfg, spec.outputs, device, seed=spec.seed))
     out["seconds"] = time.perf_counter() - t0
     return out
 
