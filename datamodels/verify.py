@@ -115,7 +115,7 @@ def _checks_from_table(table: ModelTable, keys: np.ndarray, rows: np.ndarray) ->
         rs = [r for _, r in sorted(jr)]
         margins = table.read("test_margins", np.asarray(rs))[:, t].astype(np.float64)
         done_rows = complete[rs]
-        m = margins[done_rows]
+        m = margins[done_rows & np.isfinite(margins)]  # a diverged model is left out of the mean
         first = rs[0]
         mode = MODES[md]
         if mode == "remove":
@@ -128,9 +128,9 @@ def _checks_from_table(table: ModelTable, keys: np.ndarray, rows: np.ndarray) ->
         done = bool(done_rows.all())
         out.append({
             "target": t, "mode": mode, "method": METHODS[me], "k": k, "done": done, "models": len(rs),
-            "success": bool(m.mean() < 0) if done else None,
-            "mean_margin": float(m.mean()) if done else None,
-            "frac_misclassified": float((m < 0).mean()) if done else None,
+            "success": bool(m.mean() < 0) if done and len(m) else None,
+            "mean_margin": float(m.mean()) if done and len(m) else None,
+            "frac_misclassified": float((m < 0).mean()) if done and len(m) else None,
             "indices": indices.tolist(), "new_labels": new,
             "margins": [float(v) if ok else None for v, ok in zip(margins, done_rows)],
         })
@@ -244,6 +244,7 @@ def verify(run: str | Path | Location, targets: str | Sequence[int], mode: str =
     trained: list[tuple] = []
     position = {t: 0 for t in plans}
     with store.writing(takeover=takeover):
+        store.check_writable("verify")
         table = _table(store, models)
         while True:
             # One round: the current check of every target still pending, trained together.
