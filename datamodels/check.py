@@ -128,28 +128,34 @@ def _scan(store: RunStore, report: CheckReport) -> dict[str, list[Damage]]:
             by_array[path] = dmg
             report.damaged.extend(dmg)
     for tpath in _tables(store.group):
-        table = ModelTable(store.group[tpath])
-        bad = {d.rows for p, ds in by_array.items() if p.startswith(tpath + "/") for d in ds}
-        n = len(table)
-        damaged_rows = np.zeros(n, dtype=bool)
-        for rows in bad:
-            if rows is not None:
-                damaged_rows[rows[0]: rows[1] + 1] = True
         try:
-            done = np.flatnonzero(table.complete_mask()[:n] & ~damaged_rows)
+            diverged = _diverged(ModelTable(store.group[tpath]), tpath, by_array)
         except DamagedStoreError:
-            continue
-        finite = np.ones(len(done), dtype=bool)
-        for out in table.outputs:
-            if table.array(out).dtype.kind != "f":
-                continue
-            b = table.rows_per_chunk
-            for i in range(0, len(done), b):
-                v = table.read(out, done[i: i + b])
-                finite[i: i + b] &= np.isfinite(v.reshape(len(v), -1)).all(axis=1)
-        if not finite.all():
-            report.diverged[tpath] = [int(r) for r in done[~finite]]
+            continue  # its keys or complete flags are damaged: reported above
+        if diverged:
+            report.diverged[tpath] = diverged
     return by_array
+
+
+def _diverged(table: ModelTable, tpath: str, by_array: dict[str, list[Damage]]) -> list[int]:
+    """Complete, undamaged rows of ``table`` with a non-finite output."""
+    n = len(table)
+    damaged_rows = np.zeros(n, dtype=bool)
+    for p, ds in by_array.items():
+        if p.startswith(tpath + "/"):
+            for d in ds:
+                if d.rows is not None:
+                    damaged_rows[d.rows[0]: d.rows[1] + 1] = True
+    done = np.flatnonzero(table.complete_mask()[:n] & ~damaged_rows)
+    finite = np.ones(len(done), dtype=bool)
+    b = table.rows_per_chunk
+    for out in table.outputs:
+        if table.array(out).dtype.kind != "f":
+            continue
+        for i in range(0, len(done), b):
+            v = table.read(out, done[i: i + b])
+            finite[i: i + b] &= np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+    return [int(r) for r in done[~finite]]
 
 
 def check_run(run, *, repair: bool = False, takeover: bool = False, dataset=None) -> CheckReport:
