@@ -26,7 +26,7 @@ from datamodels.check import check_run
 from datamodels.collect import collect
 from datamodels.config import load_config
 from datamodels.data import load_dataset
-from datamodels.errors import ConfigError, DamagedStoreError, DivergenceError, StorageError, StoreError
+from datamodels.errors import ConfigError, DamagedStoreError, StorageError
 from datamodels.storage import Location
 from datamodels.store import RunStore
 from datamodels.table import ModelTable
@@ -123,8 +123,8 @@ def _write(tmp_path, text: str | bytes, name="cfg.yaml") -> Path:
     ("train:\n  lr: .nan\n", "train.lr: expected a finite number, got nan"),
     ("train:\n  lr: .inf\n", "train.lr: expected a finite number, got inf"),
     ("collect:\n  alpha: -.inf\n", "collect.alpha: expected a finite number, got -inf"),
-    ("trian:\n  lr: 0.1\n", "trian"),
-])
+    ("trian:\n  lr: 0.1\n", "unknown key 'trian'"),
+], ids=["dup-key", "dup-section", "empty", "comments-only", "list", "syntax", "nan", "inf", "neg-inf", "unknown"])
 def test_bad_config_files_are_refused_naming_file_and_line(tmp_path, text, expect):
     p = _write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -142,7 +142,7 @@ def test_yaml_12_floats_are_floats(tmp_path):
     ("nul", "is not a text file (it holds NUL bytes"),
     ("proc", "cannot be read"),
     ("fifo", "is not a regular file"),
-])
+], ids=["dir", "binary", "nul", "proc", "fifo"])
 def test_unreadable_config_paths_get_one_line_naming_the_file(tmp_path, kind, expect):
     if kind == "dir":
         p = tmp_path
@@ -172,9 +172,9 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
     ("train.lr", "expected KEY=VALUE"),
     (".epochs=3", "expected KEY=VALUE with a dotted key"),
     ("train.epochs=[1", "not valid YAML"),
-    ("train.epochs=two", "train.epochs"),
-    ("collect.alpha=1.5", "collect.alpha"),
-])
+    ("train.epochs=two", "train.epochs: expected int, got str 'two'"),
+    ("collect.alpha=1.5", "collect.alpha: expected a value in (0, 1], got 1.5"),
+], ids=["alpha-nan", "lr-inf", "no-equals", "empty-key", "bad-yaml", "wrong-type", "out-of-range"])
 def test_bad_overrides_create_nothing(tmp_path, capsys, item, expect):
     code, _, err = run_cli(capsys, "train", DIGITS, "--out", tmp_path / "run", *SETS, "--set", item, "--no-progress")
     assert code == 2 and expect in one_line_error(err)
@@ -185,9 +185,9 @@ def test_bad_overrides_create_nothing(tmp_path, capsys, item, expect):
 
 
 @pytest.mark.parametrize("out, expect", [
-    ("/sys/kernel/datamodels-run", "cannot create run store at /sys/kernel/datamodels-run"),
-    ("/proc/datamodels-run", "cannot create run store at /proc/datamodels-run"),
-])
+    ("/sys/kernel/datamodels-run", "cannot create run store at /sys/kernel/datamodels-run: /sys/kernel is a kernel"),
+    ("/proc/datamodels-run", "cannot create run store at /proc/datamodels-run: /proc is a kernel file system"),
+], ids=["sys", "proc"])
 def test_out_on_kernel_file_systems_is_refused(capsys, out, expect):
     code, _, err = run_cli(capsys, "train", DIGITS, "--out", out, *SETS, "--no-progress")
     assert code == 2 and expect in one_line_error(err)
@@ -204,7 +204,7 @@ def test_out_that_is_a_file_is_refused_untouched(tmp_path, capsys):
     ("missing", "no run store at"),
     ("file", "is a file, not a run store"),
     ("other", "exists and is not a run store"),
-])
+], ids=["missing", "file", "other"])
 def test_status_and_train_on_things_that_are_not_stores(tmp_path, capsys, kind, expect):
     p = tmp_path / "x"
     if kind == "file":
@@ -480,6 +480,13 @@ def test_query_plot_into_a_directory_prints_the_file_it_wrote(tmp_path, capsys):
         plot_path(str(tmp_path / "nodir" / "x.png"), 0)
 
 
+def test_query_plot_dir_on_the_command_line(fitted, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "query", fitted, "3", "--plot", tmp_path)
+    assert code == 0 and f"plot: {tmp_path / 'query-3.png'}" in out and (tmp_path / "query-3.png").stat().st_size
+    code, _, err = run_cli(capsys, "query", fitted, "3", "--plot", tmp_path / "nodir" / "q.png")
+    assert code == 2 and "does not exist" in one_line_error(err)
+
+
 # --------------------------------------------------------------------------- divergence
 
 
@@ -500,10 +507,6 @@ def test_most_models_diverging_stops_the_run_naming_train_lr(tmp_path, capsys, m
     assert code == 2 and "NaN or infinite outputs" in line and "train.lr=" in line
     store = RunStore.open(tmp_path / "run")
     assert store.status()["diverged"] == store.status()["completed"] > 0  # never counted silently
-
-
-def test_divergence_error_is_a_config_error():
-    assert issubclass(DivergenceError, ConfigError)
 
 
 # --------------------------------------------------------------------------- exit codes and tracebacks
@@ -543,3 +546,15 @@ def test_cli_subprocess_one_line_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "datamodels.cli", "train", str(p), "--out", str(tmp_path / "r")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "appears twice" in r.stderr
+
+
+def test_errors_doc_has_40_rows_each_backed_by_a_test_here():
+    import re
+
+    table = (ROOT / "docs" / "errors.md").read_text().split("## The table", 1)[1]
+    rows = [ln for ln in table.splitlines() if re.match(r"\| \d+ \|", ln)]
+    assert len(rows) >= 40
+    here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))
+    for row in rows:
+        named = set(re.findall(r"`(test_\w+)", row))
+        assert named and named <= here, row
