@@ -84,7 +84,7 @@ def run_specs(store, table: ModelTable, specs: list[ModelSpec], *, cfg: RunConfi
                         "and left out by every reader", table.group.path, len(bad),
                         [tuple(s.key) for r, s in zip(unit.rows, unit.specs) if r in bad][:4])
         if len(out.trained) >= min(DIVERGENCE_MIN_MODELS, len(todo)) and 2 * len(out.diverged) > len(out.trained):
-            raise divergence_error(cfg, table.group.path, len(out.diverged), len(out.trained))
+            raise divergence_error(cfg, table.where, len(out.diverged), len(out.trained))
 
     if (executor or cfg.resources.executor) == "local":
         _run_local(units, write, dataset=dataset, cfg=cfg, progress=progress, desc=desc)

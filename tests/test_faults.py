@@ -509,6 +509,15 @@ def test_most_models_diverging_stops_the_run_naming_train_lr(tmp_path, capsys, m
     assert store.status()["diverged"] == store.status()["completed"] > 0  # never counted silently
 
 
+def test_a_real_too_high_learning_rate_stops_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", DIGITS, "--out", run, *SETS, "--set", "train.lr=1e6", "--no-progress")
+    line = one_line_error(err)
+    assert code == 2 and f"{run}/models:" in line and "train.lr=1e+06 (default 0.4)" in line
+    status = RunStore.open(run).status()
+    assert 2 * status["diverged"] > status["completed"] > 0  # most diverged; counted, not hidden
+
+
 # --------------------------------------------------------------------------- exit codes and tracebacks
 
 
