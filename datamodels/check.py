@@ -87,7 +87,7 @@ def _tables(group: zarr.Group) -> list[str]:
     return sorted(out)
 
 
-def _scan_array(arr: zarr.Array, report: CheckReport, path: str) -> list[Damage]:
+def _scan_array(arr: zarr.Array, report: CheckReport, path: str, bar=None) -> list[Damage]:
     """Read ``arr`` one chunk-row at a time; the damaged ones."""
     found = []
     n = int(arr.shape[0]) if arr.ndim else 0
@@ -95,6 +95,8 @@ def _scan_array(arr: zarr.Array, report: CheckReport, path: str) -> list[Damage]
     blocks = range(0, max(n, 1), b) if arr.ndim else [None]
     for r0 in blocks:
         report.chunks += 1
+        if bar is not None:
+            bar.update(1)
         try:
             _ = arr[...] if r0 is None else np.asarray(arr[r0: min(n, r0 + b)])
         except DamagedStoreError as e:
@@ -111,7 +113,7 @@ def _scan_array(arr: zarr.Array, report: CheckReport, path: str) -> list[Damage]
     return found
 
 
-def _scan(store: RunStore, report: CheckReport) -> dict[str, list[Damage]]:
+def _scan(store: RunStore, report: CheckReport, progress: bool = False) -> dict[str, list[Damage]]:
     """{array path: damage} over every array of the run; diverged rows per table in ``report``."""
     by_array: dict[str, list[Damage]] = {}
     try:
@@ -119,14 +121,17 @@ def _scan(store: RunStore, report: CheckReport) -> dict[str, list[Damage]]:
     except DamagedStoreError as e:
         report.damaged.append(Damage("zarr.json", None, None, str(e)))
         return by_array
-    for path, node in members:
-        if not isinstance(node, zarr.Array):
-            continue
-        report.arrays += 1
-        dmg = _scan_array(node, report, path)
-        if dmg:
-            by_array[path] = dmg
-            report.damaged.extend(dmg)
+    from tqdm.auto import tqdm
+
+    arrays = [(p, a) for p, a in members if isinstance(a, zarr.Array)]
+    total = sum(max(1, -(-int(a.shape[0]) // max(1, int(a.chunks[0])))) if a.ndim else 1 for _, a in arrays)
+    with tqdm(total=total, unit="chunk", desc="check", disable=not progress) as bar:
+        for path, node in arrays:
+            report.arrays += 1
+            dmg = _scan_array(node, report, path, bar)
+            if dmg:
+                by_array[path] = dmg
+                report.damaged.extend(dmg)
     for tpath in _tables(store.group):
         try:
             diverged = _diverged(ModelTable(store.group[tpath]), tpath, by_array)
@@ -158,12 +163,13 @@ def _diverged(table: ModelTable, tpath: str, by_array: dict[str, list[Damage]]) 
     return [int(r) for r in done[~finite]]
 
 
-def check_run(run, *, repair: bool = False, takeover: bool = False, dataset=None) -> CheckReport:
+def check_run(run, *, repair: bool = False, takeover: bool = False, dataset=None,
+              progress: bool = False) -> CheckReport:
     """Verify every chunk of the run at ``run`` (and that complete rows are finite); with
     ``repair``, mend what can be mended (see the module docstring). Returns the report."""
     store = RunStore.open(run)
     report = CheckReport(run=str(store.loc))
-    by_array = _scan(store, report)
+    by_array = _scan(store, report, progress)
     if not repair or not report.damaged:
         return report
     if any(d.array == "zarr.json" or d.array.endswith("zarr.json") for d in report.damaged):

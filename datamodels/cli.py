@@ -74,7 +74,7 @@ def cmd_status(args) -> int:
 def cmd_check(args) -> int:
     from datamodels.check import check_run
 
-    report = check_run(args.run, repair=args.repair, takeover=args.takeover)
+    report = check_run(args.run, repair=args.repair, takeover=args.takeover, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -299,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a damaged fit or result is removed, to be recomputed.")
     p.add_argument("run", help="run store (directory or URL)")
     p.add_argument("--repair", action="store_true", help="mend what is damaged (see above)")
-    add_cluster_args(p, takeover=False)
     p.add_argument("--takeover", action="store_true", help="take over the run's claim (its driver is gone)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_check)
     return parser
 
