@@ -82,7 +82,20 @@ def _half_created(loc: Location) -> bool:
         doc = json.loads(raw)
         return doc.get("node_type") == "group" and "schema_version" not in doc.get("attributes", {})
     except (ValueError, AttributeError):
-        return False  # a damaged root document: named by RunStore.open, never deleted
+        # A damaged root document (e.g. cut short by a full disk while written): half-created
+        # only while no model has been trained into the store (making it again loses nothing);
+        # otherwise RunStore.open names it and nothing is ever deleted.
+        return _no_models_yet(loc)
+
+
+def _no_models_yet(loc: Location) -> bool:
+    keys = loc.read_bytes("models/keys/zarr.json")
+    if keys is None:
+        return not loc.exists("models/complete/c/0")
+    try:
+        return int(json.loads(keys)["shape"][0]) == 0
+    except (ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 def _command_line() -> str | None:
@@ -128,6 +141,8 @@ class RunStore:
                 raise StoreError(f"{loc} is a file, not a run store (expected the directory a `datamodels train "
                                  "--out` made)")
             raise StoreError(f"no run store at {loc} (expected a run made by `datamodels train`)")
+        if _half_created(loc):
+            raise _half_created_error(loc)
         group = zarr.open_group(store=loc.zarr_store(read_only=mode == "r"), mode="r" if mode == "r" else "r+")
         version = group.attrs.get("schema_version")
         if version is None:
