@@ -322,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc(file=sys.stderr)
-        print(f"error: {one_line(e)}" + ("" if args.verbose or code == 2 else
-                                         " (re-run with -v for the traceback)"), file=sys.stderr)
+        expected = isinstance(e, DatamodelsError) or code == 2  # our own one-line errors
+        print(f"error: {one_line(e)}" + ("" if args.verbose or expected else
+                                         " (an unexpected error: re-run with -v for the traceback)"),
+              file=sys.stderr)
         return code
 
 
@@ -340,6 +342,8 @@ def exit_code(e: BaseException) -> int:
 def one_line(e: BaseException) -> str:
     """The message of ``e`` on one line; an unexpected error is named by its type and cause."""
     text = " ".join(str(e).split())
+    if isinstance(e, DatamodelsError):
+        return text
     if isinstance(e, OSError) and e.strerror:
         where = f" {e.filename}" if e.filename else ""
         return f"{type(e).__name__}:{where}: {e.strerror}"

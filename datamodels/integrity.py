@@ -7,7 +7,10 @@
   (:meth:`datamodels.storage.Location.zarr_store`). On reads it verifies each chunk's checksum
   and that metadata documents are JSON, and raises :class:`~datamodels.errors.DamagedStoreError`
   naming the array, the chunk and its model rows -- the same error for every stage, since every
-  stage reads through it. On writes it turns an ``OSError`` into one line naming the object:
+  stage reads through it. On a local disk it writes every metadata document (``zarr.json``)
+  whole, through a temporary file and a rename, so a full disk never leaves half a document
+  (an array's document is rewritten on every append). On writes it turns an ``OSError`` into
+  one line naming the object:
   :class:`~datamodels.errors.StorageError` (disk full, I/O error: exit 1) or
   :class:`~datamodels.errors.StoreError` (read-only: exit 2).
 
@@ -16,14 +19,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
+import os
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.storage import WrapperStore
+from zarr.storage import LocalStore, WrapperStore
 
 from datamodels.errors import NOT_WRITABLE, DamagedStoreError, StorageError, StoreError
 
@@ -218,7 +225,10 @@ class CheckedStore(WrapperStore):
     async def set(self, key, value) -> None:
         self._forget(key)
         try:
-            await self._store.set(key, value)
+            if key.endswith("zarr.json") and isinstance(self._store, LocalStore) and not self._store.read_only:
+                await asyncio.to_thread(_replace_file, Path(self._store.root) / key, value.to_bytes())
+            else:
+                await self._store.set(key, value)
         except OSError as e:
             raise storage_error(self.where, key, e) from None
 
@@ -248,6 +258,18 @@ class CheckedStore(WrapperStore):
             await self._store.delete_dir(prefix)
         except OSError as e:
             raise storage_error(self.where, prefix, e, "deleting") from None
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write a metadata document whole (temporary file, then rename): a full disk or a kill
+    leaves the old document, never a part of the new one. Object stores' PUTs are whole already."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def damaged_chunk(where: str, path: str, coords: tuple[int, ...], chunks: list[int], shape: list[int],

@@ -402,6 +402,27 @@ def test_disk_full_at_creation_then_train_again_finishes(tmp_path, capsys, disk_
     exactly_once(run, 8)
 
 
+def test_a_full_disk_never_leaves_half_a_metadata_document(run, capsys, monkeypatch):
+    import datamodels.integrity as integrity
+
+    docs = [run / "zarr.json", run / "models" / "masks" / "zarr.json"]
+    before = [d.read_bytes() for d in docs]
+
+    def full(src, dst):  # the temporary file was written; the rename is where a full disk stops it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(integrity, "os", type("os", (), {"replace": staticmethod(full)}))
+    code, _, err = run_cli(capsys, "train", DIGITS, "--out", run, *SETS, "--models", "12", "--no-progress")
+    line = one_line_error(err)
+    assert code == 1 and "no space left on the device while writing" in line and "zarr.json" in line
+    assert [d.read_bytes() for d in docs] == before and not list(run.rglob("*.partial"))  # old, whole
+    assert RunStore.open(run).requested == 8
+    monkeypatch.undo()
+    code, _, _ = run_cli(capsys, "train", DIGITS, "--out", run, *SETS, "--models", "12", "--no-progress")
+    assert code == 0
+    exactly_once(run, 12)
+
+
 def test_root_metadata_cut_short_before_any_model_is_half_created(tmp_path, capsys):
     from conftest import new_store
 
