@@ -44,6 +44,7 @@ from datamodels.config import RunConfig
 from datamodels.data import Dataset
 from datamodels.errors import ConfigError, StoreError
 from datamodels.fullset import FullModels, full_models, train_full_models
+from datamodels.integrity import create_array
 from datamodels.reports import summarize, write_cdf
 from datamodels.storage import Location
 from datamodels.store import RunStore
@@ -281,7 +282,7 @@ def _result_group(store: RunStore, t: int, c: int, attrs: dict) -> zarr.Group:
              "k_remove": ((t, c), "int32", -1), "k_flip": ((t, c), "int32", -1)}
     for name, (shape, dtype, fill) in specs.items():
         if name not in g:
-            g.create_array(name, shape=shape, dtype=dtype, fill_value=fill)
+            create_array(g, name, shape=shape, dtype=dtype, fill_value=fill)
     g.attrs.update(attrs)
     return g
 
@@ -308,7 +309,10 @@ def brittleness(run: str | Path | Location, *, targets: str | Sequence[int] | No
     bc = cfg.brittleness
     if bc.flip_label == "fixed" and bc.flip_class >= an.num_classes:
         raise ConfigError(f"brittleness.flip_class: expected a class in [0, {an.num_classes}), got {bc.flip_class}")
+    cdf_base = _cdf_base(store.loc, cdf_path)
+    _check_report_path(cdf_base)
     with store.writing(takeover=takeover):
+        store.check_writable("brittleness")
         trained = train_full_models(store, cfg, dataset, address=address, progress=progress)
         full = full_models(store)
         baseline = full.baseline
@@ -339,7 +343,7 @@ def brittleness(run: str | Path | Location, *, targets: str | Sequence[int] | No
     result = {"targets": idx, "thresholds": thresholds, "status": names,
               "baseline": baseline[idx], "k_remove": k_rm, "k_flip": k_fl, "full_models_trained": trained}
     result["summary"] = summarize(k_rm, k_fl, names, thresholds)
-    result["cdf"] = write_cdf(k_rm, k_fl, names, thresholds, _cdf_base(store.loc, cdf_path))
+    result["cdf"] = write_cdf(k_rm, k_fl, names, thresholds, cdf_base)
     return result
 
 
@@ -352,6 +356,24 @@ def _cdf_base(run: Location, cdf_path, *, verified: bool = False) -> str:
     text = str(cdf_path)
     base = text[: -4] if text.endswith((".csv", ".png")) else text
     return f"{base}_verified" if verified else base
+
+
+def _check_report_path(base: str) -> None:
+    """Refuse, before any work, a report path (``base``.csv/.png) whose directory cannot take it."""
+    loc = Location(base)
+    if not loc.local:
+        return
+    path = Path(loc.url)
+    parent = path.parent
+    if path.is_dir():
+        raise ConfigError(f"--cdf {path}: is a directory; expected a path without suffix, e.g. {path}/cdf "
+                          "(writes cdf.csv and cdf.png)")
+    if not parent.is_dir():
+        raise ConfigError(f"--cdf {path}: the directory {parent} does not exist; create it or choose another path")
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--cdf {path}: the directory {parent} is not writable; choose another path")
 
 
 def read_brittleness(store: RunStore) -> dict:

@@ -114,7 +114,11 @@ class DriverClaim:
             else:
                 log.info("%s: the claim of %s has expired; claiming the run", self.loc, _describe(cur))
         self._created_dir = self.loc.local and not self.loc.exists()
-        self.loc.write_bytes(CLAIM_KEY, self._doc())
+        try:
+            self.loc.write_bytes(CLAIM_KEY, self._doc())
+        except Exception:
+            self._remove_created_dir()
+            raise
         time.sleep(0.1 if self.loc.local else 0.5)  # let a racing driver's write land, then look again
         back = read_claim(self.loc)
         if back is None or back.get("owner") != self.owner:
@@ -153,10 +157,21 @@ class DriverClaim:
             cur = read_claim(self.loc)
             if cur is not None and cur.get("owner") == self.owner:
                 self.loc.delete("claim", recursive=True)
-                if self._created_dir and self.loc.is_empty():
-                    self.loc.delete("", recursive=True)  # we made the directory and wrote nothing else
+                self._remove_created_dir()
         except Exception as e:
             log.warning("%s: could not release the claim (%s); it expires after %.0f s", self.loc, e, self.ttl)
+
+    def _remove_created_dir(self) -> None:
+        """Remove the run's directory if this driver made it and nothing but empty folders is in it."""
+        if not self._created_dir:
+            return
+        root = self.loc.path
+        try:
+            for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                d.rmdir()
+            root.rmdir()
+        except OSError:
+            pass  # something was written (or cannot be removed): keep it
 
     def __enter__(self) -> "DriverClaim":
         return self.acquire()

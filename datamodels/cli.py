@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from datamodels.config import RunConfig, load_config
-from datamodels.errors import ClusterError, DatamodelsError
+from datamodels.errors import DatamodelsError, RunError
 
 log = logging.getLogger("datamodels")
 
@@ -71,6 +71,30 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from datamodels.check import check_run
+
+    report = check_run(args.run, repair=args.repair, takeover=args.takeover, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"check {report.run}: {report.arrays} arrays, {report.chunks} chunk rows read")
+        for d in report.damaged:
+            print(f"  damaged: {d.message}")
+            if d.repaired:
+                print(f"    repaired: {d.repaired}")
+        for table, rows in report.diverged.items():
+            print(f"  diverged (non-finite outputs, left out by every reader): {table} rows "
+                  f"{rows[:10]}{' ...' if len(rows) > 10 else ''} ({len(rows)})")
+        if not report.damaged:
+            print("  ok: every chunk decodes and its checksum matches")
+        elif report.repaired:
+            print("  repaired: re-run the commands named above to retrain or recompute what was removed")
+        else:
+            print(f"  {len(report.damaged)} damaged chunk(s): run `datamodels check {report.run} --repair`")
+    return 0 if report.ok else 2
+
+
 def _print_status(status: dict, *, json_out: bool) -> None:
     if json_out:
         print(json.dumps({k: v for k, v in status.items() if k != "trained"}, indent=2))
@@ -79,7 +103,8 @@ def _print_status(status: dict, *, json_out: bool) -> None:
     print(f"run {status['path']} ({status['config_name']}, {status['dataset']}: "
           f"N={status['num_train']}, T={status['num_targets']}, alpha={status['alpha']})")
     print(f"  models: {status['completed']}/{status['requested']} complete"
-          + (f", {len(status['trained'])} trained now" if "trained" in status else ""))
+          + (f", {len(status['trained'])} trained now" if "trained" in status else "")
+          + (f", {status['diverged']} diverged (non-finite margins, left out)" if status.get("diverged") else ""))
     if acc is not None:
         print(f"  mean test accuracy: {acc:.4f}   mean training time: {status['mean_train_seconds']:.2f} s/model")
 
@@ -291,6 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run store (directory or URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("check", help="verify a run store's integrity (and repair it)",
+                       description="Read every chunk of every array of RUN, verifying its checksum, and "
+                                   "check that every complete model row is finite. Exit 0 when whole, 2 "
+                                   "when damaged. --repair (under the run's claim) removes damaged chunks "
+                                   "and marks their model rows incomplete, so re-running the stage that "
+                                   "made them (train, evaluate, brittleness, verify) retrains exactly those; "
+                                   "a damaged fit or result is removed, to be recomputed.")
+    p.add_argument("run", help="run store (directory or URL)")
+    p.add_argument("--repair", action="store_true", help="mend what is damaged (see above)")
+    p.add_argument("--takeover", action="store_true", help="take over the run's claim (its driver is gone)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_check)
     return parser
 
 
@@ -301,15 +340,43 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except ClusterError as e:  # the work could not run: exit 1, nothing written is lost
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (DatamodelsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: the store is consistent; re-run the same command to continue.", file=sys.stderr)
         return 130
+    except Exception as e:
+        code = exit_code(e)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        expected = isinstance(e, DatamodelsError) or code == 2  # our own one-line errors
+        print(f"error: {one_line(e)}" + ("" if args.verbose or expected else
+                                         " (an unexpected error: re-run with -v for the traceback)"),
+              file=sys.stderr)
+        return code
+
+
+def exit_code(e: BaseException) -> int:
+    """2 for bad input (config, data, store: fix the input), 1 for a failure while running."""
+    if isinstance(e, RunError):
+        return 1
+    if isinstance(e, (DatamodelsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                      PermissionError, ValueError)):
+        return 2
+    return 1
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; an unexpected error is named by its type and cause."""
+    text = " ".join(str(e).split())
+    if isinstance(e, DatamodelsError):
+        return text
+    if isinstance(e, OSError) and e.strerror:
+        where = f" {e.filename}" if e.filename else ""
+        return f"{type(e).__name__}:{where}: {e.strerror}"
+    if exit_code(e) == 2 and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -215,14 +215,38 @@ def _print_verify(out: dict) -> None:
 # --------------------------------------------------------------------------- query
 
 
+def plot_path(given: str, target: int) -> str:
+    """Where ``--plot given`` writes: ``given`` itself, ``given``/query-<target>.png for a directory,
+    ``given``.png without a suffix. ConfigError, before any work, if its directory cannot take it."""
+    import os
+    from pathlib import Path
+
+    from datamodels.storage import Location
+
+    loc = Location(given)
+    if not loc.local:
+        return given
+    p = Path(loc.url)
+    if p.is_dir():
+        p = p / f"query-{target}.png"
+    elif not p.suffix:
+        p = p.with_suffix(".png")
+    if not p.parent.is_dir():
+        raise ConfigError(f"--plot {given}: the directory {p.parent} does not exist; create it or choose another path")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--plot {given}: the directory {p.parent} is not writable; choose another path")
+    return str(p)
+
+
 def cmd_query(args) -> int:
     from datamodels.query import plot_query, query
 
     if args.top < 1:
         raise ConfigError(f"--top: expected >= 1, got {args.top}")
+    plot = plot_path(args.plot, args.target) if args.plot else None  # checked before any work
     res = query(args.run, args.target, top=args.top)
-    if args.plot:
-        res["plot"] = str(plot_query(res, args.plot, run=args.run))
+    if plot:
+        res["plot"] = str(plot_query(res, plot, run=args.run))
     if args.json:
         print(json.dumps(_jsonable(res), indent=2))
         return 0
@@ -382,5 +406,6 @@ def add_parsers(sub) -> None:
     p.add_argument("target", type=int, help="target (test example) index")
     p.add_argument("--top", type=int, default=10, help="supporters and opposers to list (default 10)")
     p.add_argument("--plot", default=None, metavar="PATH",
-                   help="write an image grid (target, top supporters, top opposers) to PATH (png)")
+                   help="write an image grid (target, top supporters, top opposers) to PATH (png; a directory "
+                        "gets PATH/query-TARGET.png); the path written is printed")
     p.set_defaults(fn=cmd_query)

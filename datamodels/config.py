@@ -1,8 +1,11 @@
 """Run configuration: one frozen dataclass per stage, composed into :class:`RunConfig`.
 
-YAML in, validated before anything is written: an unknown key, a wrong type or an
-out-of-range value raises :class:`~datamodels.errors.ConfigError` naming the file, the key,
-the expected and the actual value. The dataclass defaults *are* the embedded digits default
+YAML in, validated before anything is written: an unknown key, a wrong type, a non-finite
+number (``.nan``, ``.inf``) or an out-of-range value raises
+:class:`~datamodels.errors.ConfigError` naming the file, the key, the expected and the actual
+value. The file itself must be a UTF-8 text file holding a non-empty mapping with no key twice
+(a duplicated key or section is refused naming both lines, never silently merged); numbers
+like ``1e-3`` are floats (YAML 1.2), not strings. The dataclass defaults *are* the embedded digits default
 (``pipelines/digits.yaml`` spells them out).
 
 Range metadata on a field: ``_range(lo, hi, lo_open=False, hi_open=False)``; ``None`` means
@@ -12,6 +15,8 @@ unbounded. ``_choice(...)`` restricts a string field to a set of values.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -342,6 +347,8 @@ def _type_name(tp) -> str:
 
 def _coerce(value, tp, where: str):
     """Check ``value`` against type ``tp`` (int accepted for float); return the typed value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -373,6 +380,8 @@ def _coerce(value, tp, where: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -437,6 +446,44 @@ def _set_path(d: dict, dotted: str, value, *, source: str):
     cur[keys[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently) and reading ``1e-3`` as a float, as YAML 1.2 does (YAML 1.1 makes it a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let PyYAML's own error say so
+                break
+            if first is not None:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping "
+                                  f"(first on line {first}); a duplicate would silently replace the first: keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str, source: str):
+    """Parse ``text`` with :class:`_Loader`; ConfigError on one line naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{source}: not valid YAML: {where}{what}") from None
+
+
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw config dict."""
     raw = dict(raw)
@@ -444,10 +491,9 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.epochs=8")
         key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        if not key.strip() or any(not k for k in key.strip().split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, for example train.epochs=8")
+        value = _yaml(text, f"--set {item!r}: value")
         _set_path(raw, key.strip(), value, source="--set")
     return raw
 
@@ -464,19 +510,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "<default>" if path is None else str(path)
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        raw = _yaml(_read_config_text(Path(path)), source)
+        if raw is None:
+            raise ConfigError(f"{source}: the file is empty (no config keys); expected a YAML mapping of sections "
+                              "such as pipelines/digits.yaml (for the embedded defaults, pass that file)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {_describe(raw)}")
     raw = apply_overrides(_deep_copy(raw), overrides)
     if overrides:
         source = f"{source} (with --set {' '.join(overrides)})"
     return config_from_dict(RunConfig, raw, source=source)
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_text(p: Path) -> str:
+    """The text of config file ``p``; one-line errors naming it for every way it can fail."""
+    expect = "expected a YAML pipeline file such as pipelines/digits.yaml"
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; {expect}")
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p} ({expect})")
+    if not p.is_file():
+        raise ConfigError(f"{p}: is not a regular file (a device, pipe or socket); {expect}")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror or e}); {expect}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES >> 20} MiB, so not a pipeline config; {expect}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: is not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          f"{expect}") from None
+    if "\x00" in text:
+        raise ConfigError(f"{p}: is not a text file (it holds NUL bytes, offset {text.index(chr(0))}); {expect}")
+    return text
 
 
 def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -29,6 +29,7 @@ from scipy.stats import rankdata
 
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
+from datamodels.integrity import create_array
 from datamodels.runner import run_specs
 from datamodels.specs import ModelSpec, Subset
 from datamodels.storage import Location
@@ -130,25 +131,39 @@ def evaluate_run(run: str | Path | Location, *, masks: int | None = None, repeat
 
     store = RunStore.open(run)
     cfg = store.config
-    cfg = cfg.replace(eval=config_from_dict(
-        EvalConfig, {"masks": masks or cfg.eval.masks, "repeats": repeats or cfg.eval.repeats},
-        source="evaluate", prefix="eval."))
+    cfg = cfg.replace(eval=config_from_dict(  # 0 is refused like any bad value, never "the default"
+        EvalConfig, {"masks": cfg.eval.masks if masks is None else masks,
+                     "repeats": cfg.eval.repeats if repeats is None else repeats},
+        source="evaluate --masks/--repeats", prefix="eval."))
     weight, bias, attrs = load_datamodels(store)  # fail before training if nothing is fitted
     dataset = store.dataset(dataset)
     t = store.dims["T"]
     e_n, r_n = cfg.eval.masks, cfg.eval.repeats
     specs = [eval_spec(cfg, e, r) for e in range(e_n) for r in range(r_n)]
     with store.writing(takeover=takeover):
+        store.check_writable("eval")
         table = store.table("eval/models", key_names=["e", "r"], outputs=["test_margins"],
                             rows_per_chunk=store.block_size)
         run_specs(store, table, specs, cfg=cfg, dataset=dataset, address=address, progress=progress, desc="eval")
         masks_e, actual = read_eval(store, e_n, r_n)
+        finite = np.isfinite(actual).all(axis=(1, 2))  # a mask with a diverged repeat is left out
+        if not finite.all():
+            log.warning("%d of %d evaluation masks have a diverged model (non-finite margins); left out of the LDS",
+                        int((~finite).sum()), e_n)
+            if finite.sum() < 2:
+                from datamodels.errors import StoreError
+
+                raise StoreError(f"{store.loc}/eval/models: only {int(finite.sum())} of {e_n} evaluation masks have "
+                                 "finite margins in every repeat; the LDS needs at least 2 (see `datamodels check "
+                                 f"{store.loc}`)")
+            masks_e, actual = masks_e[finite], actual[finite]
         pred = bias[None, :t] + masks_e.astype(np.float32) @ weight[:, :t]
         report = lds_report(pred, actual)
+        report["masks_left_out"] = int((~finite).sum())
         per_target = report.pop("per_target_lds")
         g = store.group["eval"]
         g.attrs["report"] = {**report, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "models_used_for_fit": attrs.get("models_used")}
-        g.create_array("per_target_lds", data=per_target.astype(np.float32), overwrite=True)
+        create_array(g, "per_target_lds", data=per_target.astype(np.float32), overwrite=True)
     report["models_used_for_fit"] = attrs.get("models_used")
     return report

@@ -43,6 +43,7 @@ import zarr
 from datamodels.config import FitConfig, ResourcesConfig, RunConfig
 from datamodels.errors import ConfigError, StoreError
 from datamodels.estimators import EstimatorFit, fit_ridge, fit_trak, mask_stats
+from datamodels.integrity import create_array
 from datamodels.solver import LassoFit, fit_lasso
 from datamodels.storage import Location
 from datamodels.store import RunStore
@@ -210,6 +211,7 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
         )
     where = _where(resources, store, address)
     with store.writing(takeover=takeover):
+        store.check_writable("datamodels")  # a read-only run fails here, before any solving
         trak_rows = None
         if cfg.estimator in ("trak", "trak-ridge"):
             run_cfg = dataclasses.replace(run_cfg, fit=cfg, resources=resources)
@@ -270,10 +272,10 @@ def save_datamodels(store: RunStore, weight: np.ndarray, bias: np.ndarray, *, at
     fit_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     g = root.require_group(fit_id)
     n, t = weight.shape
-    g.create_array("weight", data=np.asarray(weight, dtype=np.float32), chunks=(n, min(t, 1024)))
-    g.create_array("bias", data=np.asarray(bias))
+    create_array(g, "weight", data=np.asarray(weight, dtype=np.float32), chunks=(n, min(t, 1024)))
+    create_array(g, "bias", data=np.asarray(bias))
     for key, value in (arrays or {}).items():
-        g.create_array(key, data=np.asarray(value))
+        create_array(g, key, data=np.asarray(value))
     g.attrs.update({**attrs, "name": name})
     store.check_claim()
     fits = {**root.attrs.get("fits", {}), name: fit_id}

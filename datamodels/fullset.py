@@ -93,4 +93,9 @@ def full_models(store: RunStore) -> FullModels:
         done = np.flatnonzero(table.complete_mask())
     if len(done) == 0:
         raise StoreError(f"{store.loc} has no full-set models yet; run `datamodels brittleness {store.loc}` first")
-    return FullModels(table.read("test_margins", done), table.read("test_logits", done), done, table.group)
+    margins, logits = table.read("test_margins", done), table.read("test_logits", done)
+    finite = np.isfinite(margins).all(axis=1) & np.isfinite(logits).all(axis=(1, 2))  # diverged: left out
+    if not finite.any():
+        raise StoreError(f"{store.loc}/full/models: every full-set model diverged (non-finite margins); see "
+                         f"`datamodels check {store.loc}`")
+    return FullModels(margins[finite], logits[finite], done[finite], table.group)

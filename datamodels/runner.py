@@ -11,6 +11,13 @@ Executors (``resources.executor``):
 - ``ray`` (default): the elastic actor pool of :mod:`datamodels.cluster` -- an embedded local
   Ray, or the cluster at ``--address``/``RAY_ADDRESS``.
 - ``local``: in this process, one model at a time, without Ray (a single GPU box, a notebook).
+
+Divergence, the one rule for every stage: a model whose outputs are not all finite is written
+(retraining reproduces it) but never silently -- :class:`SpecRun` lists it, a warning names the
+count, ``status`` counts it and every reader leaves it out. Once at least
+:data:`DIVERGENCE_MIN_MODELS` models (or all of them, if fewer) have been trained by a call and
+more than half of them diverged, the call stops with a
+:class:`~datamodels.errors.DivergenceError` naming the likely setting.
 """
 
 from __future__ import annotations
@@ -22,20 +29,24 @@ from typing import Any, Callable
 
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
+from datamodels.errors import DivergenceError
 from datamodels.specs import ModelSpec, train_specs
 from datamodels.table import ModelTable
 
-__all__ = ["run_specs", "SpecRun"]
+__all__ = ["run_specs", "SpecRun", "DIVERGENCE_MIN_MODELS", "divergence_error"]
 
 log = logging.getLogger(__name__)
+DIVERGENCE_MIN_MODELS = 8
 
 
 @dataclass
 class SpecRun:
     """What :func:`run_specs` did: keys trained now (in the order written), units retried after
-    a worker died, models trained per node (Ray node id, or "local")."""
+    a worker died, models trained per node (Ray node id, or "local"), keys of the models trained
+    now whose outputs are not finite (diverged)."""
 
     trained: list[tuple[int, ...]] = field(default_factory=list)
+    diverged: list[tuple[int, ...]] = field(default_factory=list)
     retried: int = 0
     by_node: Counter = field(default_factory=Counter)
 
@@ -65,8 +76,15 @@ def run_specs(store, table: ModelTable, specs: list[ModelSpec], *, cfg: RunConfi
 
     def write(unit: _Unit, results: list[dict[str, Any]]) -> None:
         store.check_claim()
-        table.write(list(unit.rows), results, list(unit.specs))
+        bad = set(table.write(list(unit.rows), results, list(unit.specs)))
         out.trained.extend(tuple(s.key) for s in unit.specs)
+        out.diverged.extend(tuple(s.key) for r, s in zip(unit.rows, unit.specs) if r in bad)
+        if bad:
+            log.warning("%s: %d model(s) of key(s) %s trained to non-finite outputs (diverged): recorded, "
+                        "and left out by every reader", table.group.path, len(bad),
+                        [tuple(s.key) for r, s in zip(unit.rows, unit.specs) if r in bad][:4])
+        if len(out.trained) >= min(DIVERGENCE_MIN_MODELS, len(todo)) and 2 * len(out.diverged) > len(out.trained):
+            raise divergence_error(cfg, table.where, len(out.diverged), len(out.trained))
 
     if (executor or cfg.resources.executor) == "local":
         _run_local(units, write, dataset=dataset, cfg=cfg, progress=progress, desc=desc)
@@ -98,3 +116,19 @@ def _run_local(units: list[_Unit], write: Callable, *, dataset: Dataset, cfg: Ru
         for u in units:
             write(u, train_specs(dataset, cfg, list(u.specs)))
             bar.update(len(u.rows))
+
+
+def divergence_error(cfg: RunConfig, what: str, diverged: int, trained: int) -> DivergenceError:
+    """The message when most models diverge: how many, the likely setting and its value, the fix."""
+    from datamodels.config import ModelConfig, TrainConfig
+
+    t, default = cfg.train, TrainConfig()
+    hints = [f"train.lr={t.lr:g} (default {default.lr:g}): lower it, e.g. --set train.lr={t.lr / 10:g}"]
+    if t.precision != "float32":
+        hints.append(f"train.precision={t.precision}: try float32")
+    if cfg.model.scale_out > 1:
+        hints.append(f"model.scale_out={cfg.model.scale_out:g} (default {ModelConfig().scale_out:g})")
+    return DivergenceError(
+        f"{what}: {diverged} of the {trained} models trained so far have NaN or infinite outputs (training "
+        f"diverged), so the run stopped; the likely setting is {'; or '.join(hints)}. The models already "
+        "written are kept; a store's training settings are fixed, so train the new setting into a new --out")

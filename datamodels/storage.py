@@ -116,7 +116,14 @@ class Location:
 
     # ------------------------------------------------------------------ zarr
     def zarr_store(self, *, read_only: bool = False):
-        """A Zarr store rooted here (LocalStore for a directory, FsspecStore for a URL)."""
+        """A Zarr store rooted here, wrapped in :class:`~datamodels.integrity.CheckedStore` (every
+        chunk's checksum verified on read; a failed write named in one line)."""
+        from datamodels.integrity import CheckedStore
+
+        return CheckedStore(self._raw_zarr_store(read_only=read_only), self.url)
+
+    def _raw_zarr_store(self, *, read_only: bool = False):
+        """LocalStore for a directory, FsspecStore for a URL."""
         import zarr
 
         if self.local:
@@ -157,41 +164,48 @@ class Location:
                 return Path(self.child(key)).read_bytes()
             fs, root = self._fs()
             return fs.cat_file(f"{root}/{key}")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            raise _storage_error(self.url, key, e, "reading") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write ``key`` whole: readers see the old or the new object, never a part (local files
         are written to a temporary name and renamed; an object store PUT is atomic)."""
-        if self.local:
-            p = Path(self.child(key))
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.partial")
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, p)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return
-        fs, root = self._fs()
-        fs.pipe_file(f"{root}/{key}", data)
+        try:
+            if self.local:
+                p = Path(self.child(key))
+                p.parent.mkdir(parents=True, exist_ok=True)
+                tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.partial")
+                try:
+                    tmp.write_bytes(data)
+                    os.replace(tmp, p)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                return
+            fs, root = self._fs()
+            fs.pipe_file(f"{root}/{key}", data)
+        except OSError as e:
+            raise _storage_error(self.url, key, e, "writing") from None
 
     def delete(self, key: str, *, recursive: bool = False) -> None:
         """Remove ``key`` (a missing one is fine)."""
-        if self.local:
-            import shutil
-
-            p = Path(self.child(key))
-            if p.is_dir() and recursive:
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
-            return
-        fs, root = self._fs()
         try:
+            if self.local:
+                import shutil
+
+                p = Path(self.child(key))
+                if p.is_dir() and recursive:
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+                return
+            fs, root = self._fs()
             fs.rm(f"{root}/{key}" if key else root, recursive=recursive)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise _storage_error(self.url, key, e, "deleting") from None
 
     def check_writable(self) -> None:
         """Fail early, before anything is written, if a store cannot be created here."""
@@ -207,6 +221,22 @@ class Location:
             raise StoreError(f"cannot create run store at {path}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise StoreError(f"cannot create run store at {path}: {parent} is not writable")
+        try:
+            read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            raise StoreError(f"cannot create run store at {path}: {parent} is on a read-only file system; "
+                             "choose a writable --out")
+        if parent != path and parent.resolve().parts[1:2] in (("proc",), ("sys",), ("dev",)):
+            raise StoreError(f"cannot create run store at {path}: {parent} is a kernel file system "
+                             f"(/{parent.resolve().parts[1]}), not storage; choose another --out")
+
+
+def _storage_error(where: str, key: str, exc: OSError, doing: str):
+    from datamodels.integrity import storage_error
+
+    return storage_error(where, key, exc, doing)
 
 
 def write_file(where: str | os.PathLike, data: bytes) -> str:

@@ -23,7 +23,9 @@ import json
 import logging
 import platform
 import socket
+import sys
 import time
+import uuid
 from contextlib import contextmanager
 
 import numpy as np
@@ -33,6 +35,7 @@ from datamodels.claim import DriverClaim
 from datamodels.config import RunConfig, config_from_dict, diff_identity
 from datamodels.data import Dataset
 from datamodels.errors import StoreError
+from datamodels.integrity import create_array
 from datamodels.storage import Location
 from datamodels.table import ModelTable
 
@@ -74,11 +77,46 @@ def _half_created(loc: Location) -> bool:
     """A store whose creation stopped before its attributes (written last) were written."""
     raw = loc.read_bytes("zarr.json")
     if raw is None:
-        return any(loc.exists(k) for k in ("models/zarr.json", "train_labels/zarr.json"))
+        return any(loc.exists(k) for k in ("models/zarr.json", "train_labels/zarr.json", "test_labels/zarr.json"))
     try:
-        return "schema_version" not in json.loads(raw).get("attributes", {})
-    except ValueError:
+        doc = json.loads(raw)
+        return doc.get("node_type") == "group" and "schema_version" not in doc.get("attributes", {})
+    except (ValueError, AttributeError):
+        # A damaged root document (e.g. cut short by a full disk while written): half-created
+        # only while no model has been trained into the store (making it again loses nothing);
+        # otherwise RunStore.open names it and nothing is ever deleted.
+        return _no_models_yet(loc)
+
+
+def _no_models_yet(loc: Location) -> bool:
+    keys = loc.read_bytes("models/keys/zarr.json")
+    if keys is None:
+        return not loc.exists("models/complete/c/0")
+    try:
+        return int(json.loads(keys)["shape"][0]) == 0
+    except (ValueError, KeyError, TypeError, IndexError):
         return False
+
+
+def _command_line() -> str | None:
+    """This process's `datamodels ...` command line, when it is one (for the exact fix in messages)."""
+    if sys.argv and sys.argv[0].endswith(("datamodels", "cli.py")):
+        import shlex
+
+        return " ".join(["datamodels"] + [shlex.quote(a) for a in sys.argv[1:]])
+    return None
+
+
+def _half_created_error(loc: Location) -> StoreError:
+    raw = loc.read_bytes("zarr.json")
+    command = None
+    try:
+        command = json.loads(raw)["attributes"]["creating"]["command"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        pass
+    again = f"`{command}`" if command else f"the same `datamodels train CONFIG --out {loc}`"
+    return StoreError(f"{loc} is a half-created run store (its creation stopped before it was whole, e.g. the disk "
+                      f"filled up; no model was trained into it): re-run {again} to create it again, or delete {loc}")
 
 
 class RunStore:
@@ -97,12 +135,21 @@ class RunStore:
     def open(cls, where: str | Location, mode: str = "r") -> "RunStore":
         loc = Location(where)
         if not loc.exists("zarr.json"):
+            if _half_created(loc):
+                raise _half_created_error(loc)
+            if loc.local and loc.exists() and not loc.path.is_dir():
+                raise StoreError(f"{loc} is a file, not a run store (expected the directory a `datamodels train "
+                                 "--out` made)")
             raise StoreError(f"no run store at {loc} (expected a run made by `datamodels train`)")
+        if _half_created(loc):
+            raise _half_created_error(loc)
         group = zarr.open_group(store=loc.zarr_store(read_only=mode == "r"), mode="r" if mode == "r" else "r+")
         version = group.attrs.get("schema_version")
         if version is None:
-            raise StoreError(f"{loc} is a half-created run store (its creation was interrupted); re-run the same "
-                             "`datamodels train ... --out` to create it again")
+            if _half_created(loc):
+                raise _half_created_error(loc)
+            raise StoreError(f"{loc}/zarr.json is a Zarr group but not a run store (no schema_version); "
+                             "expected a run made by `datamodels train`")
         if version != SCHEMA_VERSION:
             raise StoreError(f"{loc}: store schema version {version}, this datamodels reads {SCHEMA_VERSION}"
                              + ("; train into a new --out" if isinstance(version, int) and version < SCHEMA_VERSION
@@ -160,15 +207,17 @@ class RunStore:
             store = cls.open(loc, mode="r+")
             store.claim = claim
             if m > store.requested:
-                store.group.attrs["requested"] = m
+                log.info("extending %s from %d to %d models", loc, store.requested, m)
                 raw = dict(store.group.attrs["config"])
                 raw["collect"] = {**raw["collect"], "models": m}
-                store.group.attrs["config"] = raw
-                log.info("extending %s from %d to %d models", loc, store.requested, m)
+                store.group.attrs.update({"requested": m, "config": raw})  # one write: both or neither
             return store
-        group = zarr.open_group(store=loc.zarr_store(), mode="a")
-        group.create_array("train_labels", data=dataset.train_y.numpy())
-        group.create_array("test_labels", data=dataset.test_y.numpy())
+        # The root's first document says what is being created (and by which command); the
+        # attributes that make it a run store come last.
+        group = zarr.open_group(store=loc.zarr_store(), mode="a", attributes={"creating": {
+            "command": _command_line(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+        create_array(group, "train_labels", data=dataset.train_y.numpy())
+        create_array(group, "test_labels", data=dataset.test_y.numpy())
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "config": cfg.to_dict(),
@@ -179,7 +228,7 @@ class RunStore:
         }
         ModelTable.require(group, "models", key_names=["i"], outputs=COLLECT_OUTPUTS,
                            dims=dims_of(attrs["dataset"], cfg), rows_per_chunk=cfg.collect.block_size)
-        group.attrs.update(attrs)  # last: a store without them is recognised as half-created
+        group.attrs.put(attrs)  # last, in one write: a store without them is recognised as half-created
         store = cls(loc, group)
         store.claim = claim
         return store
@@ -196,6 +245,20 @@ class RunStore:
                 yield self
             finally:
                 self.claim = None
+
+    def check_writable(self, path: str) -> None:
+        """Prove, before computing, that this driver can write group ``path`` (e.g. "datamodels"):
+        write and remove a small probe object there. StoreError (read-only) or StorageError."""
+        self.check_claim()
+        key = f"{path.strip('/')}/.write-probe-{uuid.uuid4().hex[:8]}" if path else f".write-probe-{uuid.uuid4().hex[:8]}"
+        made_dir = self.loc.local and path and not self.loc.exists(path)
+        self.loc.write_bytes(key, b"probe")
+        self.loc.delete(key)
+        if made_dir:
+            try:
+                (self.loc.path / path).rmdir()
+            except OSError:
+                pass
 
     def check_claim(self) -> None:
         """Raise StoreError unless this driver holds the run's claim (call before writing)."""
@@ -263,10 +326,12 @@ class RunStore:
     def status(self) -> dict:
         done = self.complete_mask()
         idx = np.flatnonzero(done)
-        acc = None
+        acc, diverged = None, 0
         if len(idx):
             tm = self.read("test_margins", idx)
-            acc = float(np.nanmean(tm > 0))
+            finite = np.isfinite(tm).all(axis=1)
+            diverged = int((~finite).sum())
+            acc = float(np.mean(tm[finite] > 0)) if finite.any() else None
         seconds = self.read("seconds", idx) if len(idx) else np.array([])
         cfg = self.group.attrs["config"]
         ds = self.group.attrs["dataset"]
@@ -279,6 +344,7 @@ class RunStore:
             "alpha": cfg["collect"]["alpha"],
             "requested": self.requested,
             "completed": int(done.sum()),
+            "diverged": diverged,
             "missing": int(self.requested - done[: self.requested].sum()),
             "mean_test_accuracy": acc,
             "mean_train_seconds": float(np.mean(seconds)) if len(seconds) else None,

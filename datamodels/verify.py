@@ -277,7 +277,7 @@ def _checks_from_table(table: ModelTable, keys: np.ndarray, rows: np.ndarray) ->
         rs = [r for _, r in sorted(jr)]
         margins = table.read("test_margins", np.asarray(rs))[:, t].astype(np.float64)
         done_rows = complete[rs]
-        m = margins[done_rows]
+        m = margins[done_rows & np.isfinite(margins)]  # a diverged model is left out of the mean
         first = rs[0]
         mode = MODES[md]
         if mode == "remove":
@@ -290,9 +290,9 @@ def _checks_from_table(table: ModelTable, keys: np.ndarray, rows: np.ndarray) ->
         done = bool(done_rows.all())
         out.append({
             "target": t, "mode": mode, "method": names.get(me, str(me)), "k": k, "done": done, "models": len(rs),
-            "success": bool(m.mean() < 0) if done else None,
-            "mean_margin": float(m.mean()) if done else None,
-            "frac_misclassified": float((m < 0).mean()) if done else None,
+            "success": bool(m.mean() < 0) if done and len(m) else None,
+            "mean_margin": float(m.mean()) if done and len(m) else None,
+            "frac_misclassified": float((m < 0).mean()) if done and len(m) else None,
             "indices": indices.tolist(), "new_labels": new,
             "margins": [float(v) if ok else None for v, ok in zip(margins, done_rows)],
         })
@@ -450,6 +450,7 @@ def search(run: str | Path | Location, targets: str | Sequence[int], *, modes: S
 
     results: list[dict] = []
     with store.writing(takeover=takeover):
+        store.check_writable("verify")
         table = _table(store, models)
         ids = _register(table, [r.key for r in rankings])
         searches: list[_Search] = []
