@@ -62,7 +62,7 @@ def _bar_png(where: str, title: str, names: Sequence[str], groups: dict[str, lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) * max(1, len(groups))), 4))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 1.1 * len(names) + 0.3 * len(names) * len(groups))), 4.5))
     width = 0.8 / max(1, len(groups))
     for g, (series, per_name) in enumerate(groups.items()):
         xs = np.arange(len(names)) + (g - (len(groups) - 1) / 2) * width
