@@ -149,3 +149,58 @@ def test_noisy_kd_arms_end_to_end(tmp_path):
     # arms differ in what they train: distinct digests, and the teacher is part of a student's
     digests = table.read("digests")
     assert len(set(digests.tolist())) == len(digests)
+
+
+def _brittle_run(where, *overrides):
+    from datamodels.brittleness import brittleness
+    from datamodels.collect import collect
+    from test_brittleness import fit_least_squares
+
+    cfg = tiny_config(LOCAL, "collect.models=12", "brittleness.full_models=2", "brittleness.thresholds=[0, -1]",
+                      *overrides)
+    collect(cfg, where, progress=False)
+    fit_least_squares(RunStore.open(where, mode="r+"))
+    brittleness(where, cfg=cfg, progress=False, cdf_path=f"{where}_cdf")
+    return where
+
+
+def test_brittleness_of_a_corrupted_run_next_to_the_clean_one(tmp_path):
+    import subprocess
+    import sys
+
+    from datamodels.brittleness import compare_brittleness, read_brittleness
+    from datamodels.errors import ConfigError
+    from datamodels.reports import cdf_table
+
+    clean = _brittle_run(tmp_path / "clean")
+    noisy = _brittle_run(tmp_path / "noisy", "train.label_corruption=0.2")
+    r = compare_brittleness([clean, noisy], out=tmp_path / "cmp")
+    assert [x["label"] for x in r["runs"]] == ["clean: clean labels", "noisy: 20% labels corrupted"]
+    assert [x["label_corruption"] for x in r["runs"]] == [0.0, 0.2] and r["thresholds"] == [0.0, -1.0]
+    header = (tmp_path / "cmp.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["k", "clean: clean labels|remove_C=0", "clean: clean labels|remove_C=-1"]
+    assert len(header) == 1 + 2 * 2 * 2
+    table = np.loadtxt(tmp_path / "cmp.csv", delimiter=",", skiprows=1, ndmin=2)
+    # every column is the run's own stored CDF (the single-run report's numbers), padded to the longest k
+    for i, run in enumerate((clean, noisy)):
+        e = read_brittleness(RunStore.open(run))
+        for m, mode in enumerate(("remove", "flip")):
+            ks, frac = cdf_table(e[f"k_{mode}"], e["status"], e["thresholds"])
+            for c in range(2):
+                col = table[:, 1 + 4 * i + 2 * m + c]
+                assert np.allclose(col[: len(ks)], frac[:, c], atol=1e-6) and np.allclose(col[len(ks):], frac[-1, c], atol=1e-6)
+    assert np.all(np.diff(table[:, 1:], axis=0) >= 0) and (tmp_path / "cmp.png").stat().st_size > 5000
+    assert r["runs"][1]["summary"]["targets"] == RunStore.open(noisy).dims["T"]
+    with pytest.raises(ConfigError, match="not \\[-3.0\\]"):
+        compare_brittleness([clean, noisy], thresholds=[-3.0], out=tmp_path / "x")
+    with pytest.raises(ConfigError, match="at least 2"):
+        compare_brittleness([clean])
+    # the command line, default output next to the first run
+    p = subprocess.run([sys.executable, "-m", "datamodels.cli", "brittleness-compare", str(clean), str(noisy),
+                        "--threshold", "0"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "20% labels corrupted" in p.stdout and "median k" in p.stdout
+    assert (tmp_path / "clean_vs_noisy_brittleness_cdf.png").exists()
+    p = subprocess.run([sys.executable, "-m", "datamodels.cli", "brittleness-compare", str(clean), str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
