@@ -74,10 +74,11 @@ def _bar_png(where: str, title: str, names: Sequence[str], groups: dict[str, lis
         ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
     ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.13)  # headroom above 100% for the legend, so it never hides a bar
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(groups) + (chance is not None), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -162,7 +163,7 @@ def learn_from_errors(cfg: RunConfig, out, *, seeds: int = 3, teacher_epochs: in
     }
     report["png"] = _bar_png(
         loc.child("experiments/learn-from-errors/accuracy.png"),
-        f"learning from incorrect labels ({dataset.name}, {seeds} seeds)",
+        f"learning from incorrect labels ({dataset.name}, {seeds} seed{'s' if seeds > 1 else ''})",
         ["teacher", "student: teacher's\nwrong labels", "student: true labels"],
         {"test accuracy": [[r["teacher_test_accuracy"] for r in per_seed], [r["student_accuracy"] for r in done],
                            [r["true_label_accuracy"] for r in done]]},
@@ -269,7 +270,7 @@ def noisy_kd(cfg: RunConfig, out, *, seeds: int = 3, epsilons: Sequence[float] =
               "chance": 1.0 / dataset.num_classes, "arms": arms}
     names = list(arms)
     report["png"] = _bar_png(
-        loc.child("experiments/noisy-kd/accuracy.png"), f"noisy distillation ({dataset.name}, {seeds} seeds)",
+        loc.child("experiments/noisy-kd/accuracy.png"), f"noisy distillation ({dataset.name}, {seeds} seed{'s' if seeds > 1 else ''})",
         names, {("clean" if e == 0 else f"PGD eps={e:g}"): [arms[n]["accuracy"][f"{e:g}"]["values"] for n in names]
                 for e in epsilons}, report["chance"])
     return report
