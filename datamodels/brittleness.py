@@ -45,7 +45,7 @@ from datamodels.data import Dataset
 from datamodels.errors import ConfigError, StoreError
 from datamodels.fullset import FullModels, full_models, train_full_models
 from datamodels.integrity import create_array
-from datamodels.reports import summarize, write_cdf
+from datamodels.reports import summarize, write_cdf, write_cdf_comparison
 from datamodels.storage import Location
 from datamodels.store import RunStore
 
@@ -61,6 +61,7 @@ __all__ = [
     "Analysis",
     "brittleness",
     "read_brittleness",
+    "compare_brittleness",
 ]
 
 log = logging.getLogger(__name__)
@@ -387,3 +388,59 @@ def read_brittleness(store: RunStore) -> dict:
     return {"status": [codes[s] for s in np.asarray(g["status"][:])], "baseline": np.asarray(g["baseline"][:]),
             "k_remove": np.asarray(g["k_remove"][:]), "k_flip": np.asarray(g["k_flip"][:]),
             "thresholds": list(g.attrs["thresholds"]), "attrs": dict(g.attrs)}
+
+
+def _run_label(store: RunStore) -> str:
+    share = float(getattr(store.config.train, "label_corruption", 0.0) or 0.0)
+    return f"{store.loc.name}: " + (f"{share:.0%} labels corrupted" if share > 0 else "clean labels")
+
+
+def compare_brittleness(runs: Sequence[str | Path | Location], *, labels: Sequence[str] | None = None,
+                        thresholds: Sequence[float] | None = None, out: str | Path | None = None) -> dict:
+    """The stored brittleness CDFs of two or more runs over the same targets on one figure,
+    e.g. a run trained with ``train.label_corruption=0.2`` next to the clean run.
+
+    Reads each run's ``brittleness/`` (nothing is trained); the runs must share their data (the
+    dataset fingerprint, so the same T targets). ``labels`` default to the run's name and its
+    label corruption; ``thresholds`` default to the C values every run has. Writes ``out.csv``
+    and ``out.png`` (default: next to the first run, ``<a>_vs_<b>_brittleness_cdf``). Returns
+    runs (label, url, label_corruption, summary per :func:`reports.summarize`), thresholds, cdf.
+    """
+    if len(runs) < 2:
+        raise ConfigError(f"brittleness comparison: expected at least 2 runs, got {len(runs)}")
+    stores = [RunStore.open(r) for r in runs]
+    if labels is not None and len(labels) != len(stores):
+        raise ConfigError(f"--labels: expected one label per run ({len(stores)}), got {len(labels)}")
+    fps = [s.group.attrs["dataset"]["fingerprint"] for s in stores]
+    for s, fp in zip(stores[1:], fps[1:]):
+        if fp != fps[0]:
+            raise StoreError(f"{s.loc} was trained on other data than {stores[0].loc} (dataset fingerprint "
+                             f"{fp[:12]}... vs {fps[0][:12]}...): their targets differ")
+    est = [read_brittleness(s) for s in stores]
+    common = [c for c in est[0]["thresholds"] if all(float(c) in map(float, e["thresholds"]) for e in est[1:])]
+    if thresholds is None:
+        thresholds = common
+        if not thresholds:
+            raise ConfigError("the runs share no brittleness threshold C: "
+                              + "; ".join(f"{s.loc.name}: {e['thresholds']}" for s, e in zip(stores, est)))
+    else:
+        thresholds = [float(c) for c in thresholds]
+        for s, e in zip(stores, est):
+            missing = [c for c in thresholds if c not in map(float, e["thresholds"])]
+            if missing:
+                raise ConfigError(f"--threshold: {s.loc} has estimates for C in {e['thresholds']}, not {missing}")
+    labels = list(labels) if labels is not None else [_run_label(s) for s in stores]
+    table = [{"label": lab, "k_remove": e["k_remove"], "k_flip": e["k_flip"], "status": e["status"],
+              "thresholds": e["thresholds"]} for lab, e in zip(labels, est)]
+    if out is None:
+        base = stores[0].loc.sibling("_vs_".join(s.loc.name for s in stores) + "_brittleness_cdf").url
+    else:
+        base = str(out)[: -4] if str(out).endswith((".csv", ".png")) else str(out)
+    cdf = write_cdf_comparison(table, thresholds, base)
+    rows = []
+    for lab, s, e in zip(labels, stores, est):
+        cols = [list(map(float, e["thresholds"])).index(float(c)) for c in thresholds]
+        rows.append({"label": lab, "run": s.loc.url,
+                     "label_corruption": float(getattr(s.config.train, "label_corruption", 0.0) or 0.0),
+                     "summary": summarize(e["k_remove"][:, cols], e["k_flip"][:, cols], e["status"], thresholds)})
+    return {"runs": rows, "thresholds": [float(c) for c in thresholds], "cdf": cdf}

@@ -17,7 +17,7 @@ import numpy as np
 from datamodels.errors import ConfigError
 
 __all__ = ["add_parsers", "cmd_brittleness", "cmd_verify", "cmd_query", "run_config", "main_job_analysis",
-           "verified_brittleness"]
+           "verified_brittleness", "cmd_brittleness_compare"]
 
 _SETTABLE = ("brittleness.", "verify.", "resources.")
 
@@ -169,6 +169,28 @@ def _print_brittleness(res: dict) -> None:
                           for m in (1, 10, 100))
             print(f"  {mode:6s} C={thr:>5s}  k quantiles {q}   fraction brittle {fr}")
     print(f"  CDF: {res['cdf']['csv']}  {res['cdf']['png']}")
+
+
+def cmd_brittleness_compare(args) -> int:
+    from datamodels.brittleness import compare_brittleness
+
+    res = compare_brittleness(args.runs, labels=args.labels, thresholds=args.threshold, out=args.out)
+    if args.json:
+        print(json.dumps(_jsonable(res), indent=2))
+        return 0
+    print(f"brittleness of {len(res['runs'])} runs over the same targets (fractions of the targets each run's "
+          "full-set models classify correctly)")
+    for r in res["runs"]:
+        s = r["summary"]
+        print(f"  {r['label']}: {s['estimated'] + s['unreachable']} of {s['targets']} targets correct")
+        for mode in ("remove", "flip"):
+            for thr, row in s[mode].items():
+                fr = " ".join(f"<= {m}: {'n/a' if row[f'frac_le_{m}'] is None else format(row[f'frac_le_{m}'], '.3f')}"
+                              for m in (1, 10, 100))
+                print(f"    {mode:6s} C={thr:>5s}  median k {'>max' if row['q50'] is None else row['q50']:>5}   "
+                      f"fraction brittle {fr}")
+    print(f"  CDF: {res['cdf']['csv']}  {res['cdf']['png']}")
+    return 0
 
 
 # --------------------------------------------------------------------------- verify
@@ -367,6 +389,27 @@ def add_parsers(sub) -> None:
     g.add_argument("--models", type=int, default=None, help="models K per check (default verify.models)")
     g.add_argument("--rounds", type=int, default=None, help="checks per search at most (default verify.rounds)")
     p.set_defaults(fn=cmd_brittleness)
+
+    p = sub.add_parser(
+        "brittleness-compare", help="the brittleness CDFs of two or more runs on one figure",
+        formatter_class=fmt,
+        description=wrap("Draw the stored removal and flip brittleness CDFs of two or more runs over the same "
+                         "targets side by side, e.g. how data-level brittleness changes when the training labels "
+                         "are corrupted. Trains nothing: each run needs `datamodels brittleness` first."),
+        epilog="example (clean vs 20% corrupted labels):\n"
+               "  datamodels run --out runs/digits\n"
+               "  datamodels run --out runs/digits-corrupt20 --set train.label_corruption=0.2\n"
+               "  datamodels brittleness-compare runs/digits runs/digits-corrupt20\n"
+               "needs: datamodels brittleness RUN, for every RUN")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run stores (directories or URLs), at least two")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="legend label per run (default: run name and its label corruption)")
+    p.add_argument("--threshold", type=float, action="append", default=None, metavar="C",
+                   help="threshold C to draw (repeatable; default: every C all runs have)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="write PATH.csv and PATH.png (default: next to the first run, A_vs_B_brittleness_cdf)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(fn=cmd_brittleness_compare)
 
     p = sub.add_parser(
         "verify", help="find by retraining the smallest k along a ranking that flips each target",

@@ -123,6 +123,22 @@ class TrainConfig:
     device: str = field(default="cpu", metadata=_choice("cpu", "cuda", "auto"))
     precision: str = field(default="float32", metadata=_choice("float32", "bf16", "fp16"))
     threads: int = field(default=1, metadata=_range(1, None, help="torch threads per worker"))
+    label_corruption: float = field(
+        default=0.0, metadata=_range(0, 1, hi_open=True,
+                                     help="share of the N training labels replaced by a different, uniformly "
+                                          "drawn class: exactly round(share N) of them, drawn from the run seed"))
+    input_noise: float = field(
+        default=0.0, metadata=_range(0, None, help="std of Gaussian noise added to each normalised training "
+                                                   "input (units of the channel std); a teacher sees the clean "
+                                                   "input (soft randomization)"))
+    distill_weight: float = field(
+        default=0.5, metadata=_range(0, 1, help="with a teacher: share of the loss that is the distillation term"))
+    distill_temperature: float = field(
+        default=4.0, metadata=_range(0, None, lo_open=True, help="with a teacher: softmax temperature"))
+    teacher_dropout: float = field(
+        default=0.0, metadata=_range(0, 1, hi_open=True,
+                                     help="with a teacher: dropout kept on in the teacher's penultimate layer "
+                                          "while it teaches (a fickle teacher)"))
     loader: str = field(
         default="memory",
         metadata=_choice("memory", "ffcv", help="memory: whole dataset on the device as uint8; "

@@ -9,10 +9,11 @@ linear(K) * scale_out. Each conv is 3x3, no bias, followed by batch norm and ReL
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ResNet9", "build_model", "count_flops"]
+__all__ = ["ResNet9", "build_model", "count_flops", "state_size", "flat_state", "load_flat_state"]
 
 
 class ConvBN(nn.Sequential):
@@ -62,6 +63,43 @@ class ResNet9(nn.Module):
 
 def build_model(model_cfg, in_channels: int, num_classes: int) -> ResNet9:
     return ResNet9(in_channels, num_classes, tuple(model_cfg.widths), model_cfg.scale_out)
+
+
+def state_size(widths, in_channels: int, num_classes: int) -> int:
+    """P: length of :func:`flat_state` of a ResNet-9 with these widths (no model is built).
+
+    Each ConvBN holds 9 c_in c_out conv weights and 4 c_out batch-norm values (weight, bias,
+    running mean, running variance); the head holds w3 K weights.
+    """
+    w0, w1, w2, w3 = (int(w) for w in widths)
+    convs = [(in_channels, w0), (w0, w1), (w1, w1), (w1, w1), (w1, w2), (w2, w3), (w3, w3), (w3, w3)]
+    return sum(9 * a * b + 4 * b for a, b in convs) + w3 * int(num_classes)
+
+
+def _state_items(model: nn.Module):
+    """The float entries of the state dict (parameters and batch-norm statistics), in order;
+    the integer batch counters carry nothing a forward pass uses."""
+    return [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+def flat_state(model: nn.Module) -> np.ndarray:
+    """(P,) float32: everything a trained model needs to predict again (see :func:`load_flat_state`)."""
+    return torch.cat([v.detach().reshape(-1).float().cpu() for _, v in _state_items(model)]).numpy()
+
+
+def load_flat_state(model: nn.Module, flat) -> nn.Module:
+    """Load a :func:`flat_state` vector into ``model`` (same architecture) in place; return it."""
+    flat = torch.as_tensor(np.asarray(flat, dtype=np.float32))
+    items = _state_items(model)
+    total = sum(v.numel() for _, v in items)
+    if flat.numel() != total:
+        raise ValueError(f"model state: expected {total} values for this architecture, got {flat.numel()}")
+    state, a = {}, 0
+    for k, v in items:
+        state[k] = flat[a : a + v.numel()].view_as(v).to(v.dtype)
+        a += v.numel()
+    model.load_state_dict(state, strict=False)
+    return model
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:

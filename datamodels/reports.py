@@ -17,7 +17,7 @@ import numpy as np
 
 from datamodels.storage import write_file
 
-__all__ = ["cdf_table", "summarize", "write_cdf", "verified_cdf_table", "write_verified_cdf"]
+__all__ = ["cdf_table", "summarize", "write_cdf", "verified_cdf_table", "write_verified_cdf", "write_cdf_comparison"]
 
 _COUNTED = ("estimated", "unreachable")
 
@@ -202,3 +202,66 @@ def write_verified_cdf(results: list[dict], base: str, *, models: int, trained: 
     plt.close(fig)
     png = write_file(f"{base}.png", buf.getvalue())
     return {"csv": csv, "png": png, "targets_csv": targets_csv}
+
+
+def write_cdf_comparison(runs: Sequence[dict], thresholds: Sequence[float], base: str) -> dict:
+    """The brittleness CDFs of several runs over the same targets, side by side: ``base.csv``
+    (k, then per run, mode and threshold a column ``<label>|<mode>_C=<c>``) and ``base.png``
+    (removal and flip panels; one colour per run, one line style per threshold).
+
+    ``runs``: dicts with ``label``, ``k_remove`` and ``k_flip`` (T, C_run), ``status`` (T,) and
+    ``thresholds`` (C_run,); ``thresholds`` are the C values to draw (each must be one of every
+    run's). Returns {"csv": ..., "png": ...}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}  # (run index, mode, threshold) -> (ks, frac)
+    for r, run in enumerate(runs):
+        have = [float(c) for c in run["thresholds"]]
+        for thr in thresholds:
+            c = have.index(float(thr))
+            for mode in ("remove", "flip"):
+                ks, fr = cdf_table(np.asarray(run[f"k_{mode}"])[:, [c]], run["status"], [thr])
+                curves[(r, mode, float(thr))] = (ks, fr[:, 0])
+    top = max(int(ks[-1]) for ks, _ in curves.values())
+    ks = np.arange(1, top + 1)
+
+    def full(key):
+        k_m, fr = curves[key]
+        out = np.empty(top)
+        out[: len(k_m)] = fr
+        out[len(k_m):] = fr[-1]
+        return out
+
+    order = [(r, mode, float(t)) for r in range(len(runs)) for mode in ("remove", "flip") for t in thresholds]
+    table = np.column_stack([ks] + [full(key) for key in order])
+    names = [f"{runs[r]['label']}|{mode}_C={t:g}".replace(",", ";") for r, mode, t in order]
+    text = io.StringIO()
+    np.savetxt(text, table, delimiter=",", header=",".join(["k"] + names), comments="",
+               fmt=["%d"] + ["%.6f"] * len(order))
+    csv = write_file(f"{base}.csv", text.getvalue().encode())
+
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, mode, title in ((axes[0], "remove", "removal"), (axes[1], "flip", "label flip")):
+        for r, run in enumerate(runs):
+            eligible = int(_eligible(run["status"]).sum())
+            for j, thr in enumerate(thresholds):
+                label = f"{run['label']} ({eligible} targets)" + (f", C = {thr:g}" if len(thresholds) > 1 else "")
+                ax.step(ks, full((r, mode, float(thr))), where="post", color=f"C{r}", ls=styles[j % len(styles)],
+                        label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"k (training examples {'removed' if mode == 'remove' else 'flipped'})")
+        ax.set_title(f"brittleness to {title} (estimated)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of correct targets brittle to <= k")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    png = write_file(f"{base}.png", buf.getvalue())
+    return {"csv": csv, "png": png}

@@ -23,7 +23,9 @@ import torch
 
 from datamodels.config import RunConfig, apply_overrides, config_from_dict
 from datamodels.data import Dataset
-from datamodels.train import _seeds, eval_options, predict, margin_from_logits, resolve_device, subset_size, train_on
+from datamodels.model import build_model, flat_state, load_flat_state
+from datamodels.train import (_seeds, corrupt_labels, eval_options, predict, margin_from_logits, resolve_device,
+                              subset_size, train_on)
 
 __all__ = ["OUTPUTS", "Subset", "ModelSpec", "train_spec", "train_specs", "output_shape"]
 
@@ -38,11 +40,12 @@ OUTPUTS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     # per-example margin gradients, count-sketched to P = fit.trak_dim dims (TRAK's features)
     "test_grads": (("T", "P"), "float32", np.nan),
     "train_grads": (("N", "P"), "float32", np.nan),
+    "params": (("W",), "float32", np.nan),  # model.flat_state: the trained model itself (a teacher, an attack)
 }
 
 
 def output_shape(name: str, dims: dict[str, int]) -> tuple[int, ...]:
-    """Shape of one row of output ``name`` for dataset dims {"N", "T", "K", "D"}."""
+    """Shape of one row of output ``name`` for dataset dims {"N", "T", "K", "D", "W"}."""
     return tuple(int(dims[d]) for d in OUTPUTS[name][0])
 
 
@@ -103,6 +106,9 @@ class ModelSpec:
     outputs  names from :data:`OUTPUTS` to record
     options  ((config key, value), ...) changes to the run's training recipe, e.g.
              (("train.epochs", 2),)
+    teacher  None, or the (P,) float32 :func:`~datamodels.model.flat_state` of a trained model
+             of the same architecture to distil from (the driver reads it from its table's
+             ``params`` and ships it with the spec; ``train.distill_*`` set how)
     """
 
     key: tuple[int, ...]
@@ -111,6 +117,7 @@ class ModelSpec:
     labels: tuple[np.ndarray, np.ndarray] | None = None
     outputs: tuple[str, ...] = ("test_margins",)
     options: tuple[tuple[str, Any], ...] = ()
+    teacher: np.ndarray | None = None
 
     def __post_init__(self):
         bad = [o for o in self.outputs if o not in OUTPUTS]
@@ -124,6 +131,8 @@ class ModelSpec:
         if self.labels is not None:
             idx, new = self.labels
             h.update(np.asarray(idx, dtype="<i8").tobytes() + b"|" + np.asarray(new, dtype="<i8").tobytes())
+        if self.teacher is not None:  # a retrained teacher makes its students stale
+            h.update(b"teacher|" + np.asarray(self.teacher, dtype="<f4").tobytes())
         return int.from_bytes(h.digest()[:8], "little") >> 1
 
     def train_labels(self, train_y: torch.Tensor) -> torch.Tensor | None:
@@ -154,6 +163,8 @@ def _record(model, dataset: Dataset, cfg: RunConfig, outputs: tuple[str, ...], d
             seed: int = 0) -> dict[str, np.ndarray]:
     kw = eval_options(dataset, cfg, device)
     out: dict[str, np.ndarray] = {}
+    if "params" in outputs:
+        out["params"] = flat_state(model)
     for split, x, y in (("test", dataset.test_x, dataset.test_y), ("train", dataset.train_x, dataset.train_y)):
         want = {o.split("_", 1)[1] for o in outputs if o.startswith(split + "_")}
         if "grads" in want:
@@ -179,14 +190,24 @@ def train_spec(dataset: Dataset, cfg: RunConfig, spec: ModelSpec, *,
     """Train the model ``spec`` describes; return {"key", "mask" (N,) bool, each output, "seconds"}.
 
     Margins are always against the TRUE labels (``dataset``'s), also where a spec overrides
-    training labels. On CPU with one thread the result is bit-identical on every retrain.
+    training labels or ``train.label_corruption`` corrupts them (the spec's overrides apply on
+    top of the corrupted labels). On CPU with one thread the result is bit-identical on every
+    retrain.
     """
     t0 = time.perf_counter()
     cfg = spec.config(cfg)
     device = device or resolve_device(cfg.train.device)
     mask = spec.subset.mask(dataset.num_train)
+    labels = dataset.train_y
+    if cfg.train.label_corruption > 0:
+        labels = corrupt_labels(labels, cfg.train.label_corruption, num_classes=dataset.num_classes, seed=cfg.seed)
+    labels = spec.train_labels(labels) if spec.labels is not None else labels
+    teacher = None
+    if spec.teacher is not None:
+        teacher = load_flat_state(build_model(cfg.model, dataset.train_x.shape[1], dataset.num_classes),
+                                  spec.teacher).to(device).eval()
     model = train_on(dataset, torch.from_numpy(np.flatnonzero(mask)), cfg, spec.seed,
-                     labels=spec.train_labels(dataset.train_y), device=device)
+                     labels=labels, device=device, teacher=teacher)
     out: dict[str, Any] = {"key": spec.key, "mask": mask}
     out.update(_record(model, dataset, cfg, spec.outputs, device, seed=spec.seed))
     out["seconds"] = time.perf_counter() - t0

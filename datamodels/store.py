@@ -68,9 +68,12 @@ def versions() -> dict[str, str]:
 
 
 def dims_of(dataset_attrs: dict, cfg: RunConfig) -> dict[str, int]:
-    """Table dims: N, T, K (classes) and D (penultimate width)."""
-    return {"N": int(dataset_attrs["num_train"]), "T": int(dataset_attrs["num_test"]),
-            "K": len(dataset_attrs["classes"]), "D": int(cfg.model.widths[3])}
+    """Table dims: N, T, K (classes), D (penultimate width) and P (model state, output "params")."""
+    from datamodels.model import state_size
+
+    k = len(dataset_attrs["classes"])
+    return {"N": int(dataset_attrs["num_train"]), "T": int(dataset_attrs["num_test"]), "K": k,
+            "D": int(cfg.model.widths[3]), "W": state_size(cfg.model.widths, int(dataset_attrs["image_shape"][0]), k)}
 
 
 def _half_created(loc: Location) -> bool:

@@ -30,7 +30,11 @@ __all__ = [
     "margin_from_logits",
     "eval_options",
     "resolve_device",
+    "corrupt_labels",
+    "teacher_logits",
 ]
+
+CORRUPTION_DOMAIN = 1_000_005  # seeds of train.label_corruption: (run seed, this)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,40 @@ def eval_options(dataset: Dataset, cfg: RunConfig, device: torch.device) -> dict
     )
 
 
+def corrupt_labels(y: torch.Tensor, fraction: float, *, num_classes: int, seed: int) -> torch.Tensor:
+    """(N,) labels with exactly round(fraction N) entries replaced by another class.
+
+    The corrupted examples are drawn without replacement and each new label uniformly from the
+    K - 1 classes that are not its true one, all from numpy's Generator seeded by
+    (``seed``, CORRUPTION_DOMAIN): every model of a run sees the same corrupted training set.
+    """
+    n = int(y.shape[0])
+    k = int(math.floor(fraction * n + 0.5))
+    out = y.clone()
+    if k == 0:
+        return out
+    if num_classes < 2:
+        raise ValueError(f"label corruption needs at least 2 classes, got {num_classes}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), CORRUPTION_DOMAIN]))
+    idx = rng.choice(n, size=k, replace=False)
+    shift = rng.integers(1, num_classes, size=k)  # 1..K-1: never the true class
+    true = y.cpu().numpy()[idx].astype(np.int64)
+    out[torch.from_numpy(idx)] = torch.from_numpy((true + shift) % num_classes).to(y.dtype)
+    return out
+
+
+def teacher_logits(teacher: torch.nn.Module, xb: torch.Tensor, gen: torch.Generator, dropout: float) -> torch.Tensor:
+    """Logits (B, K) of ``teacher`` (in eval mode: batch norm uses its running statistics) on
+    normalised ``xb``, with dropout at rate ``dropout`` on its penultimate features drawn from
+    ``gen`` (the student's generator: a fickle teacher is still reproducible)."""
+    with torch.no_grad():
+        f = teacher.net[:-1](xb)
+        if dropout > 0:
+            keep = torch.rand(f.shape, generator=gen, device=f.device) >= dropout
+            f = f * keep / (1.0 - dropout)
+        return (teacher.net[-1](f) * teacher.scale_out).float()
+
+
 def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     """Triangular schedule: 0 -> peak at ``warmup`` of training -> 0 at the end."""
     t = step / max(1, total)
@@ -205,11 +243,17 @@ def make_batches(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, labe
 
 
 def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: int, *,
-             labels: torch.Tensor | None = None, device: torch.device | None = None) -> torch.nn.Module:
+             labels: torch.Tensor | None = None, device: torch.device | None = None,
+             teacher: torch.nn.Module | None = None) -> torch.nn.Module:
     """Train a fresh model on ``dataset.train_x[train_idx]`` and return it (in eval mode).
 
-    ``labels`` (N,) replaces the training labels (label-flip experiments). Everything random
-    (init, batch order, augmentation) derives from ``seed``.
+    ``labels`` (N,) replaces the training labels (label-flip experiments). With a ``teacher``
+    (a trained model of the same architecture, in eval mode) the loss is
+    (1 - w) CE(student, labels) + w tau^2 KL(softmax(teacher / tau) || softmax(student / tau)),
+    w = ``train.distill_weight``, tau = ``train.distill_temperature`` (Hinton et al. 2015);
+    the teacher sees the clean (augmented) batch, the student that batch plus
+    ``train.input_noise``. Everything random (init, batch order, augmentation, input noise,
+    teacher dropout) derives from ``seed``.
     """
     tc: TrainConfig = cfg.train
     device = device or resolve_device(tc.device)
@@ -248,10 +292,19 @@ def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: in
             xb = _normalise(xb, mean, std)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            soft = None if teacher is None else teacher_logits(teacher, xb, gen, tc.teacher_dropout)
+            if tc.input_noise > 0:  # drawn only when asked: the default run's random stream is unchanged
+                xb = xb + tc.input_noise * torch.randn(xb.shape, generator=gen, device=xb.device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, tc.lr, tc.warmup)
             with _autocast(device, tc.precision):
-                loss = F.cross_entropy(model(xb), yb, label_smoothing=tc.label_smoothing)
+                out = model(xb)
+                loss = F.cross_entropy(out, yb, label_smoothing=tc.label_smoothing)
+                if soft is not None:
+                    tau, w = tc.distill_temperature, tc.distill_weight
+                    kd = F.kl_div(F.log_softmax(out.float() / tau, dim=1), F.log_softmax(soft / tau, dim=1),
+                                  reduction="batchmean", log_target=True) * tau**2
+                    loss = (1.0 - w) * loss + w * kd
             opt.zero_grad(set_to_none=True)
             if scaler is None:  # no host syncs per step: lr is a Python float, nothing is .item()'d
                 loss.backward()

@@ -14,14 +14,50 @@ from datamodels.fit import fit_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
+EXPERIMENTS = {  # notebook -> what its output must show
+    "learn_from_errors.ipynb": ["wrong-label set:", "every new label differs from the true one", "image/png"],
+    "noisy_kd.ipynb": ["all combined", "robustness curves for teacher", "image/png"],
+}
+
+
+def _execute(name: str, tmp_path) -> str:
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = []
+    for c in nb.cells:
+        for o in c.get("outputs", []) if c.cell_type == "code" else []:
+            text.append(o.get("text", ""))
+            text.extend(o.get("data", {}))  # mime types of displayed figures
+    return "\n".join(text)
+
+
+def test_every_notebook_is_tested():
+    assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(["explore_run.ipynb", *EXPERIMENTS])
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_notebook_executes(tmp_path, monkeypatch, name):
+    """Each experiment's notebook on tiny settings: one seed, in-process training, its figures."""
+    import shlex
+
+    from conftest import TINY
+
+    monkeypatch.setenv("DATAMODELS_SETS", shlex.join(TINY + ["resources.executor=local"]))
+    monkeypatch.setenv("DATAMODELS_OUT", str(tmp_path / "run"))
+    monkeypatch.setenv("DATAMODELS_SEEDS", "1")
+    monkeypatch.setenv("DATAMODELS_EPS", "0 0.1")
+    monkeypatch.setenv("DATAMODELS_PGD_STEPS", "2")
+    out = _execute(name, tmp_path)
+    for want in EXPERIMENTS[name]:
+        assert want in out, (want, out[-2000:])
+
+
 @pytest.mark.usefixtures("ray_local")
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")))
-def test_notebook_executes(tmp_path, monkeypatch, name):
+def test_notebook_executes(tmp_path, monkeypatch):
+    name = "explore_run.ipynb"
     run = tmp_path / "run"
     collect(tiny_config("collect.models=24"), run, progress=False)
     fit_run(run, FitConfig(n_lambdas=5, min_models=20, device="cpu"))
     monkeypatch.setenv("DATAMODELS_RUN", str(run))
-    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = _execute(name, tmp_path)
     assert "24 models" in outputs and "top supporters" in outputs
