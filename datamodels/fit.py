@@ -29,6 +29,7 @@ the group it replaced is deleted: readers see the old fit or the new one, never 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -222,7 +223,8 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
 
             cluster.connect(address)
             log.info("fitting as a Ray task (%g CPUs, %g GPUs)", resources.fit_cpus, resources.fit_gpus)
-            result = cluster.run_remote(fit_arrays, store.loc.url, rows, cfg, run_cfg.seed, trak_rows=trak_rows,
+            fn = functools.partial(fit_arrays, trak_rows=trak_rows)
+            result = cluster.run_remote(fn, store.loc.url, rows, cfg, run_cfg.seed,
                                         cpus=resources.fit_cpus, gpus=resources.fit_gpus,
                                         memory_gb=resources.fit_memory_gb, wait_timeout=resources.wait_timeout,
                                         what="fit task")
