@@ -17,7 +17,6 @@ re-running an experiment trains only what is missing. Keys are (arm, seed).
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,7 +29,7 @@ from datamodels.config import RunConfig
 from datamodels.data import Dataset, load_dataset
 from datamodels.runner import run_specs
 from datamodels.specs import ModelSpec, Subset
-from datamodels.storage import Location, write_file
+from datamodels.storage import Location, save_figure
 from datamodels.store import RunStore
 from datamodels.table import ModelTable
 from datamodels.train import training_seed
@@ -80,10 +79,7 @@ def _bar_png(where: str, title: str, names: Sequence[str], groups: dict[str, lis
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", ncol=len(groups) + (chance is not None), frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return write_file(where, buf.getvalue())
+    return save_figure(fig, where)
 
 
 # --------------------------------------------------------------------------- learning from errors

@@ -23,8 +23,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from datamodels.errors import NOT_WRITABLE, DamagedStoreError, StorageError, StoreError
+from datamodels.storage import replace_file
 
 __all__ = ["create_array", "checksum_codecs", "CheckedStore", "storage_error", "chunk_rows", "fix_for"]
 
@@ -226,7 +225,7 @@ class CheckedStore(WrapperStore):
         self._forget(key)
         try:
             if key.endswith("zarr.json") and isinstance(self._store, LocalStore) and not self._store.read_only:
-                await asyncio.to_thread(_replace_file, Path(self._store.root) / key, value.to_bytes())
+                await asyncio.to_thread(replace_file, Path(self._store.root) / key, value.to_bytes())
             else:
                 await self._store.set(key, value)
         except OSError as e:
@@ -258,18 +257,6 @@ class CheckedStore(WrapperStore):
             await self._store.delete_dir(prefix)
         except OSError as e:
             raise storage_error(self.where, prefix, e, "deleting") from None
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write a metadata document whole (temporary file, then rename): a full disk or a kill
-    leaves the old document, never a part of the new one. Object stores' PUTs are whole already."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def damaged_chunk(where: str, path: str, coords: tuple[int, ...], chunks: list[int], shape: list[int],

@@ -8,7 +8,6 @@ whose datamodel weights support (largest positive) and oppose (most negative) it
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from datamodels.brittleness import STATUS, target_datamodels, parse_targets
 from datamodels.data import Dataset
-from datamodels.storage import write_file
+from datamodels.storage import save_figure
 from datamodels.store import RunStore
 from datamodels.verify import MODES, read_checks, verified_k
 
@@ -129,7 +128,4 @@ def plot_query(result: dict, path: str | Path, *, dataset: Dataset | None = None
         axes[row, 0].text(-0.35, 0.5, key, transform=axes[row, 0].transAxes, rotation=90, va="center",
                           fontsize=8, color=color)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return write_file(path, buf.getvalue())
+    return save_figure(fig, path, dpi=110)

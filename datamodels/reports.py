@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from datamodels.storage import write_file
+from datamodels.storage import save_figure, write_file
 
 __all__ = ["cdf_table", "summarize", "write_cdf", "verified_cdf_table", "write_verified_cdf", "write_cdf_comparison"]
 
@@ -98,10 +98,7 @@ def write_cdf(k_remove: np.ndarray, k_flip: np.ndarray, status, thresholds: Sequ
     axes[0].set_ylabel("fraction of targets brittle to <= k")
     axes[1].legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    png = write_file(f"{base}.png", buf.getvalue())
+    png = save_figure(fig, f"{base}.png")
     return {"csv": csv, "png": png}
 
 
@@ -197,10 +194,7 @@ def write_verified_cdf(results: list[dict], base: str, *, models: int, trained: 
     cost = f"{total} models in checks of K={models}" + (f", {trained} trained now" if trained is not None else "")
     fig.suptitle(f"verified brittleness (mean margin of K fresh models < 0); {cost}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    png = write_file(f"{base}.png", buf.getvalue())
+    png = save_figure(fig, f"{base}.png")
     return {"csv": csv, "png": png, "targets_csv": targets_csv}
 
 
@@ -260,8 +254,5 @@ def write_cdf_comparison(runs: Sequence[dict], thresholds: Sequence[float], base
     axes[0].set_ylabel("fraction of correct targets brittle to <= k")
     axes[0].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    png = write_file(f"{base}.png", buf.getvalue())
+    png = save_figure(fig, f"{base}.png")
     return {"csv": csv, "png": png}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from datamodels.errors import StoreError
 
-__all__ = ["Location", "is_url", "ray_job_workdir", "write_file"]
+__all__ = ["Location", "is_url", "ray_job_workdir", "replace_file", "save_figure", "write_file"]
 
 _EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
@@ -174,14 +174,7 @@ class Location:
         are written to a temporary name and renamed; an object store PUT is atomic)."""
         try:
             if self.local:
-                p = Path(self.child(key))
-                p.parent.mkdir(parents=True, exist_ok=True)
-                tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.partial")
-                try:
-                    tmp.write_bytes(data)
-                    os.replace(tmp, p)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                replace_file(Path(self.child(key)), data)
                 return
             fs, root = self._fs()
             fs.pipe_file(f"{root}/{key}", data)
@@ -237,6 +230,30 @@ def _storage_error(where: str, key: str, exc: OSError, doing: str):
     from datamodels.integrity import storage_error
 
     return storage_error(where, key, exc, doing)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write a local file whole (temporary file, then rename): a full disk or a kill leaves the
+    old file, never a part of the new one. Object stores' PUTs are whole already."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig, where: str | os.PathLike, *, dpi: int = 100) -> str:
+    """Write a matplotlib figure as PNG at a local path or URL, close it; return where it went."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return write_file(where, buf.getvalue())
 
 
 def write_file(where: str | os.PathLike, data: bytes) -> str:

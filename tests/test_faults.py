@@ -403,7 +403,7 @@ def test_disk_full_at_creation_then_train_again_finishes(tmp_path, capsys, disk_
 
 
 def test_a_full_disk_never_leaves_half_a_metadata_document(run, capsys, monkeypatch):
-    import datamodels.integrity as integrity
+    import datamodels.storage as storage
 
     docs = [run / "zarr.json", run / "models" / "masks" / "zarr.json"]
     before = [d.read_bytes() for d in docs]
@@ -411,7 +411,13 @@ def test_a_full_disk_never_leaves_half_a_metadata_document(run, capsys, monkeypa
     def full(src, dst):  # the temporary file was written; the rename is where a full disk stops it
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(integrity, "os", type("os", (), {"replace": staticmethod(full)}))
+    class FullDiskOs:  # the os module as the writer sees it, but for the rename
+        replace = staticmethod(full)
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+    monkeypatch.setattr(storage, "os", FullDiskOs())
     code, _, err = run_cli(capsys, "train", DIGITS, "--out", run, *SETS, "--models", "12", "--no-progress")
     line = one_line_error(err)
     assert code == 1 and "no space left on the device while writing" in line and "zarr.json" in line
