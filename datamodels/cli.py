@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_experiment_parsers(sub)
 
+    from datamodels.cli_labels import add_parsers as add_label_parsers
+
+    add_label_parsers(sub)
+
     p = sub.add_parser("status", help="how far a run is", description="Summarise a run store.")
     p.add_argument("run", help="run store (directory or URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
