@@ -39,7 +39,8 @@ from datamodels.label_noise import planted_label_noise
 from datamodels.storage import Location, write_file
 from datamodels.store import RunStore
 
-__all__ = ["OOSProbabilities", "oos_probabilities", "probability_sums", "find_issues", "explain", "label_issues", "plot_issues",
+__all__ = ["OOSProbabilities", "oos_probabilities", "probability_sums", "find_issues", "explain", "SplitScores",
+           "split_scores", "describe", "label_issues", "plot_issues",
            "precision_recall", "bench_arms", "bench_spec", "benchmark", "BENCH_DOMAIN", "BENCH_TABLE"]
 
 log = logging.getLogger(__name__)
@@ -237,76 +238,114 @@ def explain(store: RunStore, split: str, indices, suggested, *, top: int = 5, fi
 # --------------------------------------------------------------------------- the report
 
 
+@dataclass(frozen=True)
+class SplitScores:
+    """Confident learning on one split: ``oos`` probabilities, given ``labels`` (n,), ``flagged``
+    (f,) ranked, ``quality`` (n,) and ``suggested`` (n,) (NaN / -1 where never out of sample),
+    ``planted`` {index: true label} and ``noisy`` (whether data.label_noise planted errors in this
+    split)."""
+
+    split: str
+    oos: OOSProbabilities
+    labels: np.ndarray
+    flagged: np.ndarray
+    quality: np.ndarray
+    suggested: np.ndarray
+    planted: dict
+    noisy: bool
+
+
+def split_scores(store: RunStore, split: str, *, filter_by: str = "prune_by_noise_rate") -> SplitScores:
+    """:func:`oos_probabilities` then :func:`find_issues` on the examples that have them."""
+    oos = oos_probabilities(store, split)
+    labels = store.read(f"{split}_labels").astype(np.int64)
+    valid = np.flatnonzero(oos.valid)
+    res = find_issues(oos.probs[valid], labels[valid], filter_by=filter_by)
+    quality = np.full(len(labels), np.nan)
+    quality[valid] = res["quality"]
+    suggested = np.full(len(labels), -1, dtype=np.int64)
+    suggested[valid] = res["suggested"]
+    planted = planted_label_noise(dict(store.group.attrs["dataset"]))
+    idx, true = planted.get(split, ((), ()))
+    return SplitScores(split, oos, labels, valid[res["flagged"]], quality, suggested,
+                       dict(zip(np.asarray(idx).tolist(), np.asarray(true).tolist())), split in planted)
+
+
+def describe(store: RunStore, scores: SplitScores, indices, *, supporters: int = 5, fit: str | None = None,
+             explained: bool = True) -> tuple[list[dict], str | None, str | None]:
+    """(issues, explanations note, fit name) for examples ``indices`` of ``scores.split``, flagged
+    or not: index, given, suggested, quality, given_prob, suggested_prob, models, planted (None
+    without planted noise on this split), true, and (``explained``) the datamodel explanation."""
+    s, oos, labels, sug = scores.split, scores.oos, scores.labels, scores.suggested
+    indices = np.asarray(indices, dtype=np.int64)
+    issues = []
+    for i in indices:
+        ok = oos.models[i] > 0
+        issues.append({"index": int(i), "given": int(labels[i]), "suggested": int(sug[i]) if ok else None,
+                       "quality": float(scores.quality[i]) if ok else None,
+                       "given_prob": float(oos.probs[i, labels[i]]) if ok else None,
+                       "suggested_prob": float(oos.probs[i, sug[i]]) if ok else None, "models": int(oos.models[i]),
+                       "planted": (int(i) in scores.planted) if scores.noisy else None,
+                       "true": scores.planted.get(int(i))})
+    note, name = None, None
+    ok = np.asarray([i["suggested"] is not None for i in issues], dtype=bool)
+    if explained and ok.any():
+        try:
+            ex = explain(store, s, indices[ok], sug[indices[ok]], top=supporters, fit=fit)
+        except StoreError as e:
+            ex = {"fit": None, "note": f"no explanations: {e}", "explanations": []}
+        note, name = ex["note"], ex["fit"]
+        for issue, e in zip([i for i, o in zip(issues, ok) if o], ex["explanations"]):
+            issue["explanation"] = {k: v for k, v in e.items() if k != "index"}
+    return issues, note, name
+
+
 def label_issues(run: str | Path | RunStore, *, split: str = "both", top: int = 10,
                  cfg: LabelIssuesConfig | None = None, fit: str | None = None, explain_top: bool = True) -> dict:
     """Confident learning on the run's out-of-sample probabilities (a JSON-ready dict).
 
     Per split ("test", "train"): examples, with_probabilities, never_out_of_sample (left out),
-    models (M' used), flagged (count), flagged_rate, flagged_indices (ranked), issues (the
-    ``top`` first: index, given, suggested, quality, given_prob, suggested_prob, planted, true,
-    and the datamodel explanation), explanations_note, planted (precision/recall against
-    ``data.label_noise``'s planted errors, None without), suggested_is_true (share of the caught
-    planted errors whose suggested label is the true one). Needs a fit only for explanations.
+    note, models (M' used), flagged (count), flagged_rate, flagged_indices (ranked),
+    suggested_labels, issues (the ``top`` first, see :func:`describe`), explanations_note,
+    planted (precision/recall against ``data.label_noise``'s planted errors, None without),
+    suggested_is_true (share of the caught planted errors whose suggested label is the true one).
+    Needs a fit only for the explanations.
     """
     store = run if isinstance(run, RunStore) else RunStore.open(run)
     cfg = cfg or store.config.label_issues
     splits = SPLITS if split == "both" else (split,)
     if any(s not in SPLITS for s in splits):
         raise ConfigError(f"--split: expected train, test or both, got {split!r}")
-    planted = planted_label_noise(dict(store.group.attrs["dataset"]))
     classes = list(store.group.attrs["dataset"]["classes"])
-    out: dict = {"run": str(store.loc), "classes": classes, "filter_by": cfg.filter_by, "splits": {}}
+    out: dict = {"run": str(store.loc), "classes": classes, "filter_by": cfg.filter_by, "fit": None, "splits": {}}
     for s in splits:
-        oos = oos_probabilities(store, s)
-        labels = store.read(f"{s}_labels").astype(np.int64)
-        valid = np.flatnonzero(oos.valid)
-        never = int(len(labels) - len(valid))
+        sc = split_scores(store, s, filter_by=cfg.filter_by)
+        valid = np.flatnonzero(sc.oos.valid)
+        never = int(len(sc.labels) - len(valid))
         note = None
         if never:
             note = (f"{never} {s} examples are in the mask of every model with logits (never out of sample): left "
                     f"out; raise collect.logit_models for them")
             log.warning("%s: %s", store.loc, note)
-        res = find_issues(oos.probs[valid], labels[valid], filter_by=cfg.filter_by)
-        flagged = valid[res["flagged"]]
-        quality = np.full(len(labels), np.nan)
-        quality[valid] = res["quality"]
-        suggested = np.full(len(labels), -1, dtype=np.int64)
-        suggested[valid] = res["suggested"]
-        p_idx, p_true = planted.get(s, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-        true_of = dict(zip(p_idx.tolist(), p_true.tolist()))
-        shown = flagged[:top]
-        issues = []
-        for i in shown:
-            issues.append({"index": int(i), "given": int(labels[i]), "suggested": int(suggested[i]),
-                           "quality": float(quality[i]), "given_prob": float(oos.probs[i, labels[i]]),
-                           "suggested_prob": float(oos.probs[i, suggested[i]]), "models": int(oos.models[i]),
-                           "planted": (int(i) in true_of) if s in planted else None,
-                           "true": true_of.get(int(i))})
-        expl_note = None
-        if explain_top and len(shown):
-            try:
-                ex = explain(store, s, shown, suggested[shown], top=cfg.supporters, fit=fit)
-            except StoreError as e:
-                ex = {"fit": None, "note": f"no explanations: {e}", "explanations": []}
-            expl_note = ex["note"]
-            for issue, e in zip(issues, ex["explanations"]):
-                issue["explanation"] = {k: v for k, v in e.items() if k != "index"}
-            out["fit"] = ex["fit"] or out.get("fit")
+        issues, expl_note, name = describe(store, sc, sc.flagged[:top], supporters=cfg.supporters, fit=fit,
+                                           explained=explain_top)
+        out["fit"] = out["fit"] or name
         report = {
-            "examples": int(len(labels)), "with_probabilities": int(len(valid)), "never_out_of_sample": never,
-            "note": note, "models": int(len(oos.rows)), "models_left_out": oos.left_out,
-            "mean_models_per_example": float(oos.models[valid].mean()) if len(valid) else 0.0,
-            "flagged": int(len(flagged)), "flagged_rate": float(len(flagged) / max(1, len(valid))),
-            "flagged_indices": flagged.tolist(), "suggested_labels": suggested[flagged].tolist(),
+            "examples": int(len(sc.labels)), "with_probabilities": int(len(valid)), "never_out_of_sample": never,
+            "note": note, "models": int(len(sc.oos.rows)), "models_left_out": sc.oos.left_out,
+            "mean_models_per_example": float(sc.oos.models[valid].mean()) if len(valid) else 0.0,
+            "flagged": int(len(sc.flagged)), "flagged_rate": float(len(sc.flagged) / max(1, len(valid))),
+            "flagged_indices": sc.flagged.tolist(), "suggested_labels": sc.suggested[sc.flagged].tolist(),
             "issues": issues, "explanations_note": expl_note, "planted": None, "suggested_is_true": None,
         }
-        if s in planted:
+        if sc.noisy:
+            p_idx = np.asarray(sorted(sc.planted), dtype=np.int64)
             in_sample = np.isin(p_idx, valid)
-            pr = precision_recall(flagged, p_idx[in_sample])
+            pr = precision_recall(sc.flagged, p_idx[in_sample])
             pr["never_out_of_sample"] = int((~in_sample).sum())
             report["planted"] = pr
-            caught = [i for i in flagged if int(i) in true_of]
-            report["suggested_is_true"] = (float(np.mean([suggested[i] == true_of[int(i)] for i in caught]))
+            caught = [int(i) for i in sc.flagged if int(i) in sc.planted]
+            report["suggested_is_true"] = (float(np.mean([sc.suggested[i] == sc.planted[i] for i in caught]))
                                            if caught else None)
         out["splits"][s] = report
     return out
@@ -345,9 +384,9 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
         x = (dataset.test_x if s == "test" else dataset.train_x)[issue["index"]]
         known = "" if issue["planted"] is None else ("\nplanted, true " + classes[issue["true"]]
                                                      if issue["planted"] else "\nnot planted")
-        show(axes[r, 0], x, f"{s} #{issue['index']}\ngiven {classes[issue['given']]} -> "
-                            f"{classes[issue['suggested']]}\nq={issue['quality']:.3f}{known}",
-             "tab:red" if issue["planted"] else "black")
+        said = (f"given {classes[issue['given']]} -> {classes[issue['suggested']]}\nq={issue['quality']:.3f}"
+                if issue["suggested"] is not None else f"given {classes[issue['given']]}\n(never out of sample)")
+        show(axes[r, 0], x, f"{s} #{issue['index']}\n{said}{known}", "tab:red" if issue["planted"] else "black")
         e = issue.get("explanation")
         if e is None:
             note = result["splits"][s].get("explanations_note") or "no datamodel"
