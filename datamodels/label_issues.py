@@ -369,7 +369,7 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
     k = max([len(i.get("explanation", {}).get(side, [])) for _, i in rows
               for side in ("toward_given", "toward_suggested")] + [1])
     cols = 2 + 2 * k  # the flagged image, k toward given, a gap, k toward suggested
-    fig, axes = plt.subplots(max(1, len(rows)), cols, figsize=(1.25 * cols, 1.55 * max(1, len(rows)) + 0.5),
+    fig, axes = plt.subplots(max(1, len(rows)), cols, figsize=(1.3 * cols, 1.9 * max(1, len(rows)) + 0.6),
                              squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -388,9 +388,13 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
                 if issue["suggested"] is not None else f"given {classes[issue['given']]}\n(never out of sample)")
         show(axes[r, 0], x, f"{s} #{issue['index']}\n{said}{known}", "tab:red" if issue["planted"] else "black")
         e = issue.get("explanation")
-        if e is None:
+        if e is not None and not (e["toward_given"] or e["toward_suggested"]):
+            e, note = None, "the datamodel has no non-zero weight on a training example pushing either way"
+        elif e is None:
             note = result["splits"][s].get("explanations_note") or "no datamodel"
-            axes[r, 1].text(0, 0.5, "\n".join(_wrap(note, 60)), fontsize=6, va="center", transform=axes[r, 1].transAxes)
+        if e is None:
+            axes[r, 1].text(0, 0.5, "\n".join(_wrap(note, 60)), fontsize=6, va="center", transform=axes[r, 1].transAxes,
+                            in_layout=False)  # the note spans the empty columns
             continue
         for c, ex in enumerate(e["toward_given"]):
             show(axes[r, 1 + c], dataset.train_x[ex["index"]],
@@ -398,8 +402,10 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
         for c, ex in enumerate(e["toward_suggested"]):
             show(axes[r, 2 + k + c], dataset.train_x[ex["index"]],
                  f"#{ex['index']} {classes[ex['label']]}\nw={ex['weight']:+.3f}", "tab:blue")
-    fig.suptitle("flagged label issues: training examples pushing toward the given label (green, largest "
-                 "weights) and toward the suggested label (blue, most negative weights of that class)", fontsize=8)
+    fig.suptitle("\n".join(_wrap("label issues and the training examples that push the prediction toward the "
+                                 "given label (green: largest datamodel weights) and toward the suggested label "
+                                 "(blue: most negative weights among examples of that class)",
+                                 int(16 * cols))), fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -320,3 +320,14 @@ def test_cli_benchmark_json(noisy_run, capsys):
         "noisy_label_issues_benchmark.png")
     assert main(["label-issues", str(noisy_run), "--set", "fit.n_lambdas=3"]) == 2
     assert "only label_issues.*, resources.* keys" in capsys.readouterr().err
+
+
+def test_without_cleanlab_the_error_names_the_install_command(noisy_run, monkeypatch, capsys):
+    import sys
+
+    for name in [m for m in sys.modules if m == "cleanlab" or m.startswith("cleanlab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # `import cleanlab` raises ImportError
+    assert main(["label-issues", str(noisy_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'datamodels[labels]'" in err
