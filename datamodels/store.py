@@ -365,6 +365,7 @@ class RunStore:
             "alpha": cfg["collect"]["alpha"],
             "requested": self.requested,
             "completed": int(done.sum()),
+            "with_logits": int(self.models_table().holds("test_logits").sum()),  # label-issues' models
             "diverged": diverged,
             "missing": int(self.requested - done[: self.requested].sum()),
             "mean_test_accuracy": acc,
