@@ -331,3 +331,18 @@ def test_without_cleanlab_the_error_names_the_install_command(noisy_run, monkeyp
     assert main(["label-issues", str(noisy_run)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'datamodels[labels]'" in err
+
+
+def test_check_reads_logits_only_of_the_rows_that_hold_them(tmp_path):
+    """Rows past collect.logit_models hold no logits (they read as NaN fill): not diverged; a row
+    whose logits are not finite is."""
+    from datamodels.check import check_run
+
+    run = tmp_path / "r"
+    collect(local("collect.models=4", "collect.logit_models=2"), run, progress=False)
+    assert check_run(run).diverged == {}
+    t = RunStore.open(run, mode="r+").models_table()
+    bad = t.read("train_logits", [1])
+    bad[0, 0, 0] = np.inf
+    t.group["train_logits"][1] = bad[0]
+    assert check_run(run).diverged == {"models": [1]}
