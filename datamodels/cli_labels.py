@@ -70,11 +70,14 @@ def _print(res: dict) -> None:
                   + (f"; {p['never_out_of_sample']} planted never out of sample" if p["never_out_of_sample"] else ""))
         if not r["issues"]:
             continue
-        print(f"  {'rank':>4} {'index':>6} {'given':>10} {'suggested':>10} {'quality':>8}  planted")
+        if r["flagged"] < len(r["issues"]):
+            print(f"  (ranked by label quality; past the {r['flagged']} flagged, the lowest-quality labels that are "
+                  "not flagged)")
+        print(f"  {'rank':>4} {'index':>6} {'given':>10} {'suggested':>10} {'quality':>8} {'flagged':>8}  planted")
         for rank, i in enumerate(r["issues"], 1):
             planted = "-" if i["planted"] is None else (f"yes (true {classes[i['true']]})" if i["planted"] else "no")
             print(f"  {rank:>4} {i['index']:>6} {classes[i['given']]:>10} {classes[i['suggested']]:>10} "
-                  f"{i['quality']:>8.4f}  {planted}")
+                  f"{i['quality']:>8.4f} {'yes' if i['flagged'] else 'no':>8}  {planted}")
             e = i.get("explanation")
             if e:
                 for side, name in (("toward_given", "toward given"), ("toward_suggested", "toward suggested")):

@@ -274,14 +274,15 @@ def split_scores(store: RunStore, split: str, *, filter_by: str = "prune_by_nois
 def describe(store: RunStore, scores: SplitScores, indices, *, supporters: int = 5, fit: str | None = None,
              explained: bool = True) -> tuple[list[dict], str | None, str | None]:
     """(issues, explanations note, fit name) for examples ``indices`` of ``scores.split``, flagged
-    or not: index, given, suggested, quality, given_prob, suggested_prob, models, planted (None
-    without planted noise on this split), true, and (``explained``) the datamodel explanation."""
+    or not: index, flagged, given, suggested, quality, given_prob, suggested_prob, models, planted
+    (None without planted noise on this split), true, and (``explained``) the datamodel explanation."""
     s, oos, labels, sug = scores.split, scores.oos, scores.labels, scores.suggested
     indices = np.asarray(indices, dtype=np.int64)
+    flagged = set(scores.flagged.tolist())
     issues = []
     for i in indices:
         ok = oos.models[i] > 0
-        issues.append({"index": int(i), "given": int(labels[i]), "suggested": int(sug[i]) if ok else None,
+        issues.append({"index": int(i), "flagged": int(i) in flagged, "given": int(labels[i]), "suggested": int(sug[i]) if ok else None,
                        "quality": float(scores.quality[i]) if ok else None,
                        "given_prob": float(oos.probs[i, labels[i]]) if ok else None,
                        "suggested_prob": float(oos.probs[i, sug[i]]) if ok else None, "models": int(oos.models[i]),
@@ -306,7 +307,8 @@ def label_issues(run: str | Path | RunStore, *, split: str = "both", top: int = 
 
     Per split ("test", "train"): examples, with_probabilities, never_out_of_sample (left out),
     note, models (M' used), flagged (count), flagged_rate, flagged_indices (ranked),
-    suggested_labels, issues (the ``top`` first, see :func:`describe`), explanations_note,
+    suggested_labels, issues (the ``top`` first, see :func:`describe`; when fewer are flagged, the
+    unflagged examples of lowest label quality follow, with ``flagged`` false), explanations_note,
     planted (precision/recall against ``data.label_noise``'s planted errors, None without),
     suggested_is_true (share of the caught planted errors whose suggested label is the true one).
     Needs a fit only for the explanations.
@@ -327,7 +329,11 @@ def label_issues(run: str | Path | RunStore, *, split: str = "both", top: int = 
             note = (f"{never} {s} examples are in the mask of every model with logits (never out of sample): left "
                     f"out; raise collect.logit_models for them")
             log.warning("%s: %s", store.loc, note)
-        issues, expl_note, name = describe(store, sc, sc.flagged[:top], supporters=cfg.supporters, fit=fit,
+        shown = sc.flagged[:top]
+        if len(shown) < top:  # the ranking goes on past the flagged set: the least likely given labels
+            rest = valid[~np.isin(valid, sc.flagged)]
+            shown = np.concatenate([shown, rest[np.argsort(sc.quality[rest], kind="stable")][: top - len(shown)]])
+        issues, expl_note, name = describe(store, sc, shown, supporters=cfg.supporters, fit=fit,
                                            explained=explain_top)
         out["fit"] = out["fit"] or name
         report = {
@@ -385,6 +391,7 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
         known = "" if issue["planted"] is None else ("\nplanted, true " + classes[issue["true"]]
                                                      if issue["planted"] else "\nnot planted")
         said = (f"given {classes[issue['given']]} -> {classes[issue['suggested']]}\nq={issue['quality']:.3f}"
+                + ("" if issue.get("flagged", True) else " (not flagged)")
                 if issue["suggested"] is not None else f"given {classes[issue['given']]}\n(never out of sample)")
         show(axes[r, 0], x, f"{s} #{issue['index']}\n{said}{known}", "tab:red" if issue["planted"] else "black")
         e = issue.get("explanation")

@@ -192,10 +192,12 @@ def test_cli_json_fields_and_plot(noisy_run, tmp_path, capsys):
         assert set(r) >= {"examples", "with_probabilities", "never_out_of_sample", "models", "flagged",
                           "flagged_rate", "flagged_indices", "suggested_labels", "issues", "planted",
                           "suggested_is_true"}
-        assert r["models"] == 16 and len(r["issues"]) == min(3, r["flagged"])
+        assert r["models"] == 16 and len(r["issues"]) == min(3, r["with_probabilities"])
         assert set(r["planted"]) >= {"precision", "recall", "planted", "true_positives"}
         for i in r["issues"]:
-            assert set(i) >= {"index", "given", "suggested", "quality", "planted", "true", "explanation"}
+            assert set(i) >= {"index", "flagged", "given", "suggested", "quality", "planted", "true", "explanation"}
+        ranked = [i["index"] for i in r["issues"]]
+        assert ranked == r["flagged_indices"][:len(ranked)] or not all(i["flagged"] for i in r["issues"])
     assert main(["label-issues", str(noisy_run), "--split", "test", "--top", "2"]) == 0
     text = capsys.readouterr().out
     assert "precision" in text and "toward given" in text and "train:" not in text
@@ -346,3 +348,17 @@ def test_check_reads_logits_only_of_the_rows_that_hold_them(tmp_path):
     bad[0, 0, 0] = np.inf
     t.group["train_logits"][1] = bad[0]
     assert check_run(run).diverged == {"models": [1]}
+
+
+def test_the_ranking_goes_on_past_the_flagged_set(noisy_run):
+    """With fewer flagged than --top, the unflagged examples of lowest label quality follow."""
+    store = RunStore.open(noisy_run)
+    f = label_issues(store, split="test", top=0)["splits"]["test"]["flagged"]
+    r = label_issues(store, split="test", top=f + 5, explain_top=False)["splits"]["test"]
+    assert [i["flagged"] for i in r["issues"]] == [True] * f + [False] * 5
+    assert [i["index"] for i in r["issues"][:f]] == r["flagged_indices"]
+    oos = oos_probabilities(store, "test")
+    quality = oos.probs[np.arange(len(oos.probs)), store.read("test_labels")]
+    rest = np.setdiff1d(np.arange(len(quality)), r["flagged_indices"])
+    lowest = rest[np.argsort(quality[rest], kind="stable")][:5]
+    assert [i["index"] for i in r["issues"][f:]] == lowest.tolist()  # self-confidence: p(given label)
