@@ -225,7 +225,7 @@ def test_a_run_without_logits_gets_one_line_with_the_fix_then_only_they_are_trai
     assert main(["label-issues", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no collect model records logits" in err
-    assert f"--models 8 --set collect.logit_models=8" in err
+    assert "--models 8 --set collect.logit_models=8" in err
 
     calls = {"n": 0}
     put = ModelTable._put
