@@ -154,12 +154,15 @@ def _diverged(table: ModelTable, tpath: str, by_array: dict[str, list[Damage]]) 
     done = np.flatnonzero(table.complete_mask()[:n] & ~damaged_rows)
     finite = np.ones(len(done), dtype=bool)
     b = table.rows_per_chunk
-    for out in table.outputs:
+    for out in table.outputs + table.partial:
         if table.array(out).dtype.kind != "f":
             continue
+        held = np.ones(len(done), dtype=bool) if out in table.outputs else table.holds(out)[done]
         for i in range(0, len(done), b):
-            v = table.read(out, done[i: i + b])
-            finite[i: i + b] &= np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+            sel = np.flatnonzero(held[i: i + b]) + i  # a partial output: only the rows that hold it
+            if len(sel):
+                v = table.read(out, done[sel])
+                finite[sel] &= np.isfinite(v.reshape(len(v), -1)).all(axis=1)
     return [int(r) for r in done[~finite]]
 
 

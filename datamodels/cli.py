@@ -104,7 +104,8 @@ def _print_status(status: dict, *, json_out: bool) -> None:
           f"N={status['num_train']}, T={status['num_targets']}, alpha={status['alpha']})")
     print(f"  models: {status['completed']}/{status['requested']} complete"
           + (f", {len(status['trained'])} trained now" if "trained" in status else "")
-          + (f", {status['diverged']} diverged (non-finite margins, left out)" if status.get("diverged") else ""))
+          + (f", {status['diverged']} diverged (non-finite margins, left out)" if status.get("diverged") else "")
+          + (f"; {status['with_logits']} record logits" if status.get("with_logits") else ""))
     if acc is not None:
         print(f"  mean test accuracy: {acc:.4f}   mean training time: {status['mean_train_seconds']:.2f} s/model")
 
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     from datamodels.cli_experiments import add_parsers as add_experiment_parsers
 
     add_experiment_parsers(sub)
+
+    from datamodels.cli_labels import add_parsers as add_label_parsers
+
+    add_label_parsers(sub)
 
     p = sub.add_parser("status", help="how far a run is", description="Summarise a run store.")
     p.add_argument("run", help="run store (directory or URL)")

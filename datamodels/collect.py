@@ -17,7 +17,7 @@ from datamodels.data import load_dataset
 from datamodels.runner import run_specs
 from datamodels.specs import ModelSpec, Subset
 from datamodels.storage import Location
-from datamodels.store import COLLECT_OUTPUTS, RunStore
+from datamodels.store import COLLECT_LOGITS, COLLECT_OUTPUTS, RunStore
 from datamodels.train import training_seed
 
 __all__ = ["collect_spec", "collect", "CollectSummary"]
@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def collect_spec(cfg: RunConfig, i: int) -> ModelSpec:
-    """Model ``i`` of a run: round(alpha N) examples drawn from (seed, i), seed from (seed, i)."""
+    """Model ``i`` of a run: round(alpha N) examples drawn from (seed, i), seed from (seed, i);
+    it records margins, and logits too when i < collect.logit_models (in the same training)."""
+    outputs = COLLECT_OUTPUTS + (COLLECT_LOGITS if int(i) < cfg.collect.logit_models else ())
     return ModelSpec(key=(int(i),), seed=training_seed(cfg.seed, int(i)),
-                     subset=Subset.random((cfg.seed, int(i)), cfg.collect.alpha), outputs=COLLECT_OUTPUTS)
+                     subset=Subset.random((cfg.seed, int(i)), cfg.collect.alpha), outputs=outputs)
 
 
 class CollectSummary(dict):

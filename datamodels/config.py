@@ -36,6 +36,7 @@ __all__ = [
     "EvalConfig",
     "BrittlenessConfig",
     "VerifyConfig",
+    "LabelIssuesConfig",
     "ResourcesConfig",
     "RunConfig",
     "load_config",
@@ -85,6 +86,14 @@ class DataConfig:
         default=None,
         metadata=_help("train.loader=ffcv: path of the training set's .beton (written if missing)"),
     )
+    label_noise: float = field(
+        default=0.0, metadata=_range(0, 1, hi_open=True,
+                                     help="share of the labels of data.label_noise_split replaced by another class "
+                                          "when the dataset loads (exactly round(share n), seeded by "
+                                          "data.split_seed): the given labels every model trains and is scored on; "
+                                          "a known answer for `datamodels label-issues`"))
+    label_noise_split: str = field(
+        default="test", metadata=_choice("train", "test", "both", help="which labels data.label_noise replaces"))
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,13 @@ class CollectConfig:
     block_size: int = field(
         default=8,
         metadata=_range(1, None, help="models per work unit; also the row chunk of the store"),
+    )
+    logit_models: int = field(
+        default=100,
+        metadata=_range(0, None, help="models 0..M'-1 also record their logits on every training and test "
+                                      "example (float16, (N + T) K each), for out-of-sample class probabilities "
+                                      "(`datamodels label-issues`); raising it later trains only those models "
+                                      "again and adds just their logits"),
     )
 
 
@@ -247,6 +263,25 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class LabelIssuesConfig:
+    """Label errors by confident learning on the run's out-of-sample probabilities (docs/label_issues.md)."""
+
+    filter_by: str = field(
+        default="prune_by_noise_rate",
+        metadata=_choice("prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                         "predicted_neq_given", help="cleanlab.filter.find_label_issues' filter_by"))
+    supporters: int = field(
+        default=5, metadata=_range(1, None, help="training examples shown per side (toward the given and toward "
+                                                 "the suggested label) for each flagged example"))
+    bench_arms: tuple[str, ...] = field(
+        default=("model.widths=[8, 16, 32, 64]", "model.widths=[16, 32, 64, 128]"),
+        metadata=_help("--benchmark: model configurations compared, each 'KEY=VALUE' or 'KEY=VALUE; KEY=VALUE' "
+                       "of model.* and train.* keys"))
+    bench_models: int = field(
+        default=4, metadata=_range(1, None, help="--benchmark: full-set models trained per configuration"))
+
+
+@dataclass(frozen=True)
 class ResourcesConfig:
     """Where the work runs. None of this changes results, so it may differ between sessions."""
 
@@ -290,6 +325,7 @@ class RunConfig:
     brittleness: BrittlenessConfig = field(default_factory=BrittlenessConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    label_issues: LabelIssuesConfig = field(default_factory=LabelIssuesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -299,7 +335,7 @@ class RunConfig:
 
 
 # Keys that may change between invocations on the same store without changing any result.
-_NON_IDENTITY = {"collect.models", "collect.block_size", "train.threads", "train.loader", "data.beton",
+_NON_IDENTITY = {"collect.models", "collect.block_size", "collect.logit_models", "train.threads", "train.loader", "data.beton",
                  "resources", "name"}
 
 

@@ -208,9 +208,13 @@ def _load_synthetic(cfg: DataConfig) -> Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the dataset a config names. Raises DataError when it cannot be found or read."""
+    """Load the dataset a config names, with ``data.label_noise`` applied to its given labels
+    (datamodels.label_noise). Raises DataError when it cannot be found or read."""
     loaders = {"digits": _load_digits, "cifar10": _load_cifar10, "synthetic": _load_synthetic}
-    return loaders[cfg.dataset](cfg)
+    dataset = loaders[cfg.dataset](cfg)
+    from datamodels.label_noise import apply_label_noise  # data.label_noise: the given labels themselves
+
+    return apply_label_noise(dataset, cfg.label_noise, cfg.label_noise_split, seed=cfg.split_seed)
 
 
 def write_cifar10_batches(directory: str | Path, train_x, train_y, test_x, test_y,

@@ -68,6 +68,8 @@ def fix_for(path: str, where: str) -> str:
                        f"`datamodels brittleness {where}`",
         "train_labels": f"`datamodels check {where} --repair` (rewrites the labels from the dataset)",
         "test_labels": f"`datamodels check {where} --repair` (rewrites the labels from the dataset)",
+        "label_issues": f"`datamodels check {where} --repair`, then re-run `datamodels label-issues {where} "
+                        "--benchmark`",
     }.get(top, f"`datamodels check {where} --repair`")
 
 

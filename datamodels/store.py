@@ -6,7 +6,9 @@ Layout (M models, N training examples, T targets; every ``.../models`` group is 
     RUN/                 attrs: schema_version, config, dataset, provenance, requested
       claim/             the driver's claim (datamodels.claim), present while one works
       train_labels (N,)  test_labels (T,)  int64
-      models/            collect: key (i,), masks (M, N), test_margins (M, T), train_margins (M, N)
+      models/            collect: key (i,), masks (M, N), test_margins (M, T), train_margins (M, N);
+                         test_logits (M, T, K), train_logits (M, N, K) float16, held by the first
+                         collect.logit_models rows only (has_test_logits, has_train_logits)
       datamodels/        fitted datamodels (datamodels.fit)
       eval/models/       held-out evaluation models, key (e, r)    (datamodels.evaluate)
       full/models/       full-set reference models, key (f,)       (datamodels.fullset)
@@ -39,11 +41,15 @@ from datamodels.integrity import create_array
 from datamodels.storage import Location
 from datamodels.table import ModelTable
 
-__all__ = ["RunStore", "SCHEMA_VERSION", "versions", "COLLECT_OUTPUTS"]
+__all__ = ["RunStore", "SCHEMA_VERSION", "versions", "COLLECT_OUTPUTS", "COLLECT_LOGITS"]
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 COLLECT_OUTPUTS = ("test_margins", "train_margins")
+# Recorded by the first collect.logit_models models only (partial outputs of the collect table),
+# as float16: (N + T) K * 2 bytes per model (docs/label_issues.md measures that float16 is enough).
+COLLECT_LOGITS = ("test_logits", "train_logits")
+LOGIT_DTYPES = {"test_logits": "float16", "train_logits": "float16"}
 
 
 def versions() -> dict[str, str]:
@@ -209,11 +215,15 @@ class RunStore:
         if loc.exists("zarr.json"):
             store = cls.open(loc, mode="r+")
             store.claim = claim
-            if m > store.requested:
-                log.info("extending %s from %d to %d models", loc, store.requested, m)
-                raw = dict(store.group.attrs["config"])
-                raw["collect"] = {**raw["collect"], "models": m}
-                store.group.attrs.update({"requested": m, "config": raw})  # one write: both or neither
+            store._collect_table()  # a store made before the logits existed gains their (empty) arrays
+            raw = dict(store.group.attrs["config"])
+            logit_models = raw["collect"].get("logit_models")
+            if m > store.requested or logit_models != cfg.collect.logit_models:
+                if m > store.requested:
+                    log.info("extending %s from %d to %d models", loc, store.requested, m)
+                raw["collect"] = {**raw["collect"], "models": max(m, store.requested),
+                                  "logit_models": cfg.collect.logit_models}
+                store.group.attrs.update({"requested": max(m, store.requested), "config": raw})  # one write
             return store
         # The root's first document says what is being created (and by which command); the
         # attributes that make it a run store come last.
@@ -229,12 +239,20 @@ class RunStore:
                            "versions": versions()},
             "requested": m,
         }
-        ModelTable.require(group, "models", key_names=["i"], outputs=COLLECT_OUTPUTS,
-                           dims=dims_of(attrs["dataset"], cfg), rows_per_chunk=cfg.collect.block_size)
-        group.attrs.put(attrs)  # last, in one write: a store without them is recognised as half-created
         store = cls(loc, group)
+        store._collect_table(dims=dims_of(attrs["dataset"], cfg), rows_per_chunk=cfg.collect.block_size)
+        group.attrs.put(attrs)  # last, in one write: a store without them is recognised as half-created
         store.claim = claim
         return store
+
+    def _collect_table(self, *, dims: dict[str, int] | None = None, rows_per_chunk: int | None = None) -> ModelTable:
+        """The collect table ``models/``, made if missing (new store) and given the partial logit
+        outputs if it lacks them (a store made before they existed)."""
+        if "models" in self.group:
+            t = self.models_table()
+            dims, rows_per_chunk = t.dims, t.rows_per_chunk
+        return ModelTable.require(self.group, "models", key_names=["i"], outputs=COLLECT_OUTPUTS, dims=dims,
+                                  rows_per_chunk=rows_per_chunk, partial=COLLECT_LOGITS, dtypes=LOGIT_DTYPES)
 
     # ------------------------------------------------------------------ the driver's claim
     @contextmanager
@@ -347,6 +365,7 @@ class RunStore:
             "alpha": cfg["collect"]["alpha"],
             "requested": self.requested,
             "completed": int(done.sum()),
+            "with_logits": int(self.models_table().holds("test_logits").sum()),  # label-issues' models
             "diverged": diverged,
             "missing": int(self.requested - done[: self.requested].sum()),
             "mean_test_accuracy": acc,

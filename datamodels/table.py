@@ -9,16 +9,23 @@ Layout of a table group (R rows, B = rows per chunk, N/T/K/D the dataset's dims)
       masks     (R, N) bool                 the training subset actually used
       labels    (R, N) int16                new training labels, -1 = unchanged (only with labels=True)
       <output>  (R, ...)                    e.g. test_margins (R, T) float32 -- see specs.OUTPUTS
+      <partial> (R, ...)                    an output only some rows record (e.g. collect's logits,
+                                            only for the first collect.logit_models models)
+      has_<partial> (R,) bool               row r holds <partial> (written after it, before complete)
       seconds   (R,) float32                training wall time
       complete  (R,) bool                   written LAST: a row counts only once whole
 
 The rules (the same for every table, so for every stage):
 
 - **Completion.** ``complete`` is written after every other array of the row; a crash in
-  between leaves the row incomplete and it is trained again.
+  between leaves the row incomplete and it is trained again. A row counts for a spec once it
+  is complete and holds every *partial* output the spec asks for (``has_<output>``).
 - **Resume.** :meth:`ModelTable.plan` appends rows for new keys and returns the rows to
   train: those not complete, and those whose digest differs from the spec's (the spec under
-  that key changed, e.g. a re-fit moved a verification set: the row is stale).
+  that key changed, e.g. a re-fit moved a verification set: the row is stale). A complete row
+  whose spec now asks for a partial output it lacks (collect.logit_models grew, or the store
+  predates the output) is trained again, and only that output is written: its other arrays
+  are kept as they are, and the row stays complete throughout.
 - **One writer.** Only the driver writes, so rows can be written in any order; chunks of B rows
   are still the unit of work handed out so that a block's results land in one chunk write.
 - **Rows are keyed last.** New rows are appended by growing every other array first and
@@ -61,13 +68,15 @@ _META = {  # name -> (dtype, fill)
 class ModelTable:
     """Rows of trained models in ``group`` (see the module docstring)."""
 
-    def __init__(self, group: zarr.Group):
+    def __init__(self, group: zarr.Group, meta: dict | None = None):
         self.group = group
-        meta = group.attrs.get("table")
+        meta = meta or group.attrs.get("table")
         if not meta:
             raise StoreError(f"{group.store}/{group.path}: not a model table (no 'table' attribute)")
         self.key_names: list[str] = list(meta["key_names"])
         self.outputs: list[str] = list(meta["outputs"])
+        self.partial: list[str] = list(meta.get("partial", []))
+        self.dtypes: dict[str, str] = dict(meta.get("dtypes", {}))
         self.has_labels: bool = bool(meta["labels"])
         self.rows_per_chunk: int = int(meta["rows_per_chunk"])
         self.dims: dict[str, int] = {k: int(v) for k, v in meta["dims"].items()}
@@ -76,12 +85,18 @@ class ModelTable:
     # ------------------------------------------------------------------ create / open
     @classmethod
     def require(cls, parent: zarr.Group, name: str, *, key_names: Iterable[str], outputs: Iterable[str],
-                dims: dict[str, int], rows_per_chunk: int, labels: bool = False) -> "ModelTable":
+                dims: dict[str, int], rows_per_chunk: int, labels: bool = False, partial: Iterable[str] = (),
+                dtypes: dict[str, str] | None = None) -> "ModelTable":
         """Open table ``name`` under ``parent``, creating it (empty) if missing.
 
-        An existing table must record the same outputs and keys; StoreError names the difference.
+        ``outputs`` are recorded by every row, ``partial`` outputs only by rows whose spec asks
+        for them; ``dtypes`` overrides :data:`~datamodels.specs.OUTPUTS`' dtype of an output in
+        this table (e.g. float16 logits). An existing table must record the same outputs and keys
+        (StoreError names the difference); partial outputs it lacks are added (empty: no row
+        holds them yet), so a store made before an output existed gains it.
         """
-        key_names, outputs = list(key_names), list(outputs)
+        key_names, outputs, partial = list(key_names), list(outputs), list(partial)
+        dtypes = {k: str(v) for k, v in (dtypes or {}).items()}
         if name in parent:
             table = cls(parent[name])
             want = {"key_names": key_names, "outputs": outputs, "labels": bool(labels)}
@@ -90,29 +105,41 @@ class ModelTable:
             if diff:
                 lines = "; ".join(f"{k}: store has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
                 raise StoreError(f"table {parent.path}/{name} was made for other specs ({lines})")
+            missing = [o for o in partial if o not in table.partial]
+            if missing:
+                table._add_partial(missing, dtypes)
             return table
         g = parent.require_group(name)
         b = int(rows_per_chunk)
-        n = int(dims["N"])
         create_array(g, "keys", shape=(0, len(key_names)), chunks=(b, len(key_names)), dtype="int64", fill_value=-1)
-        arrays = {name: ((), *_META[name]) for name in ("digests", "seeds", "seconds", "complete")}
-        arrays["masks"] = ((n,), *_META["masks"])
-        if labels:
-            arrays["labels"] = ((n,), *_META["labels"])
-        for out in outputs:
-            _, dtype, fill = OUTPUTS[out]
-            arrays[out] = (output_shape(out, dims), dtype, fill)
-        for arr, (row, dtype, fill) in arrays.items():
-            create_array(g, arr, shape=(0, *row), chunks=(b, *row), dtype=dtype, fill_value=fill)
-        g.attrs["table"] = {"key_names": key_names, "outputs": outputs, "labels": bool(labels),
-                            "rows_per_chunk": b, "dims": {k: int(v) for k, v in dims.items()}}
-        return cls(g)
+        meta = {"key_names": key_names, "outputs": outputs, "labels": bool(labels), "rows_per_chunk": b,
+                "dims": {k: int(v) for k, v in dims.items()}, "partial": partial, "dtypes": dtypes}
+        table = cls(g, meta)
+        for arr in table.array_names():
+            if arr != "keys":
+                table.recreate(arr, 0)
+        g.attrs["table"] = meta  # last: a group without it is not (yet) a table
+        return table
+
+    def _add_partial(self, names: list[str], dtypes: dict[str, str]) -> None:
+        """Give the table partial outputs ``names`` (arrays first, held by no row; the table's
+        attribute last, so an interrupted call is simply done again)."""
+        log.info("%s: adding the partial outputs %s (no row holds them yet)", self.where, names)
+        self.partial += names
+        self.dtypes.update({o: dtypes[o] for o in names if o in dtypes})
+        rows = int(self.array("keys").shape[0])
+        for o in names:
+            self.recreate(o, rows)
+            self.recreate(f"has_{o}", rows)
+        meta = dict(self.group.attrs["table"])
+        meta.update({"partial": self.partial, "dtypes": self.dtypes})
+        self.group.attrs["table"] = meta
 
     # ------------------------------------------------------------------ reading
     def array_names(self) -> list[str]:
         """Every array a table of this kind has (keys, digests, seeds, masks, [labels], outputs, ...)."""
         return (["keys", "digests", "seeds", "masks"] + (["labels"] if self.has_labels else []) + self.outputs
-                + ["seconds", "complete"])
+                + self.partial + [f"has_{o}" for o in self.partial] + ["seconds", "complete"])
 
     def array_spec(self, name: str) -> tuple[tuple[int, ...], str, object]:
         """(row shape, dtype, fill value) of array ``name`` -- how :meth:`require` makes it."""
@@ -122,8 +149,10 @@ class ModelTable:
             return (self.dims["N"],), *_META[name]
         if name in _META:
             return (), *_META[name]
+        if name.startswith("has_") and name[4:] in self.partial:
+            return (), "bool", False
         _, dtype, fill = OUTPUTS[name]
-        return output_shape(name, self.dims), dtype, fill
+        return output_shape(name, self.dims), self.dtypes.get(name, dtype), fill
 
     def recreate(self, name: str, rows: int) -> zarr.Array:
         """Make array ``name`` again, ``rows`` long and unwritten (``datamodels check --repair``)."""
@@ -191,6 +220,18 @@ class ModelTable:
         """(R,) bool."""
         return np.asarray(self._decoded(self.array("complete"), slice(None), "complete"), dtype=bool)
 
+    def holds(self, output: str) -> np.ndarray:
+        """(R,) bool: the rows whose ``output`` is written (complete, and for a partial output,
+        holding it). Readers still leave out non-finite rows (diverged training)."""
+        done = self.complete_mask()
+        if output in self.outputs:
+            return done
+        if output not in self.partial:
+            return np.zeros(len(done), dtype=bool)
+        has = np.asarray(self._decoded(self.array(f"has_{output}"), slice(None), f"has_{output}"), dtype=bool)
+        n = min(len(done), len(has))
+        return np.concatenate([done[:n] & has[:n], np.zeros(len(done) - n, dtype=bool)])
+
     def read(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         arr = self.array(name)
         if rows is None:
@@ -215,6 +256,10 @@ class ModelTable:
             missing = [o for o in self.outputs if o not in s.outputs]
             if missing:
                 raise ValueError(f"spec {s.key} records {list(s.outputs)}; the table needs {missing}")
+            extra = [o for o in s.outputs if o not in self.outputs and o not in self.partial]
+            if extra:
+                raise ValueError(f"spec {s.key} records {extra}, which {self.where} has no array for "
+                                 f"(outputs {self.outputs}, partial {self.partial})")
         if len({tuple(s.key) for s in specs}) != len(specs):
             raise ValueError("specs: every key must be unique")
         self._trim()
@@ -237,6 +282,10 @@ class ModelTable:
             self.array("seeds").set_orthogonal_selection((srows,), np.asarray(
                 [s.seed for s, st in zip(specs, stale) if st], dtype=np.int64))
             done = done & ~stale
+        for o in self.partial:  # a complete row lacking a partial output its spec asks for
+            asks = np.asarray([o in s.outputs for s in specs], dtype=bool)
+            if (asks & done).any():
+                done &= ~asks | self.holds(o)[rows]
         return [int(r) for r in rows[~done]]
 
     def _trim(self) -> None:
@@ -273,18 +322,48 @@ class ModelTable:
     # ------------------------------------------------------------------ writing
     def write(self, rows: list[int], results: list[dict], specs: list[ModelSpec]) -> list[int]:
         """Write finished models into ``rows`` (``complete`` last); return the rows whose outputs
-        are not all finite (diverged training: see the module docstring)."""
+        are not all finite (diverged training: see the module docstring).
+
+        A row that is complete already (it was trained again for a partial output it lacked)
+        gets only its spec's partial outputs and their ``has_`` flags: its other arrays are kept.
+        """
         rows_a = np.asarray(rows, dtype=np.int64)
-        contiguous = bool(len(rows_a)) and np.array_equal(rows_a, np.arange(rows_a[0], rows_a[0] + len(rows_a)))
-        sel = slice(int(rows_a[0]), int(rows_a[-1]) + 1) if contiguous else rows_a
-        values = [("masks", np.stack([r["mask"] for r in results]))]
-        if self.has_labels:
-            values.append(("labels", np.stack([s.label_row(self.dims["N"]) for s in specs])))
-        values += [(out, np.stack([r[out] for r in results])) for out in self.outputs]
-        values += [("seconds", [r["seconds"] for r in results]), ("complete", np.ones(len(rows_a), dtype=bool))]
-        for name, v in values:
-            self._put(name, sel, v)
-        return [int(r) for r, res in zip(rows_a, results) if not all_finite(res, self.outputs)]
+        done = self.complete_mask()[rows_a] if self.partial else np.zeros(len(rows_a), dtype=bool)
+        if done.any():
+            self._note_reproduction(rows_a[done], [r for r, d in zip(results, done) if d])
+        new = ~done
+        if new.any():
+            nr = [r for r, d in zip(results, new) if d]
+            values = [("masks", np.stack([r["mask"] for r in nr]))]
+            if self.has_labels:
+                values.append(("labels", np.stack([s.label_row(self.dims["N"]) for s, d in zip(specs, new) if d])))
+            values += [(out, np.stack([r[out] for r in nr])) for out in self.outputs]
+            for name, v in values:
+                self._put(name, _selection(rows_a[new]), v)
+        for o in self.partial:
+            asks = np.asarray([o in s.outputs for s in specs], dtype=bool)
+            if asks.any():
+                sel = _selection(rows_a[asks])
+                self._put(o, sel, np.stack([r[o] for r, a in zip(results, asks) if a]))
+                self._put(f"has_{o}", sel, np.ones(int(asks.sum()), dtype=bool))
+        if new.any():
+            sel = _selection(rows_a[new])
+            self._put("seconds", sel, [r["seconds"] for r, d in zip(results, new) if d])
+            self._put("complete", sel, np.ones(int(new.sum()), dtype=bool))
+        return [int(r) for r, res, s in zip(rows_a, results, specs)
+                if not all_finite(res, [o for o in s.outputs if o in self.outputs or o in self.partial])]
+
+    def _note_reproduction(self, rows: np.ndarray, results: list[dict]) -> None:
+        """Log how closely models trained again reproduce the stored outputs they keep."""
+        diffs = []
+        for o in self.outputs:
+            have = self.read(o, rows)
+            new = np.stack([r[o] for r in results]).astype(have.dtype)
+            d = np.abs(have.astype(np.float64) - new)
+            diffs.append(float(np.nanmax(d)) if d.size and np.isfinite(d).any() else 0.0)
+        log.info("%s: rows %s trained again for partial outputs they lacked; their stored %s are kept (the "
+                 "retrained values differ by at most %.3g)", self.where, rows.tolist()[:6], self.outputs,
+                 max(diffs, default=0.0))
 
     def _put(self, name: str, sel: slice | np.ndarray, values) -> None:
         arr = self.array(name)
@@ -293,6 +372,12 @@ class ModelTable:
             arr[sel] = values
         else:
             arr.set_orthogonal_selection((sel,), values)
+
+
+def _selection(rows: np.ndarray) -> slice | np.ndarray:
+    """A slice when ``rows`` are contiguous (one plain write), else the rows themselves."""
+    contiguous = bool(len(rows)) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+    return slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
 
 
 def all_finite(result: dict, outputs: Iterable[str]) -> bool:

@@ -161,19 +161,16 @@ def corrupt_labels(y: torch.Tensor, fraction: float, *, num_classes: int, seed: 
     The corrupted examples are drawn without replacement and each new label uniformly from the
     K - 1 classes that are not its true one, all from numpy's Generator seeded by
     (``seed``, CORRUPTION_DOMAIN): every model of a run sees the same corrupted training set.
+    The draw is :func:`datamodels.label_noise.draw_label_flips`, also behind ``data.label_noise``
+    (which changes the dataset's given labels instead of a recipe's).
     """
-    n = int(y.shape[0])
-    k = int(math.floor(fraction * n + 0.5))
+    from datamodels.label_noise import draw_label_flips
+
     out = y.clone()
-    if k == 0:
-        return out
-    if num_classes < 2:
-        raise ValueError(f"label corruption needs at least 2 classes, got {num_classes}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), CORRUPTION_DOMAIN]))
-    idx = rng.choice(n, size=k, replace=False)
-    shift = rng.integers(1, num_classes, size=k)  # 1..K-1: never the true class
-    true = y.cpu().numpy()[idx].astype(np.int64)
-    out[torch.from_numpy(idx)] = torch.from_numpy((true + shift) % num_classes).to(y.dtype)
+    idx, new = draw_label_flips(y.cpu().numpy(), fraction, num_classes=num_classes,
+                                entropy=[int(seed), CORRUPTION_DOMAIN])
+    if len(idx):
+        out[torch.from_numpy(idx)] = torch.from_numpy(new).to(y.dtype)
     return out
 
 

@@ -52,7 +52,10 @@ def completed(where) -> int:
 def put_rows(store, cfg, rows):
     """Write hand-made collect rows {i: (test margins (T,), train margins (N,))} through the
     store's collect table, exactly as the driver writes trained models."""
+    import numpy as np
+
     from datamodels.collect import collect_spec
+    from datamodels.specs import output_shape
 
     table = store.models_table()
     specs = [collect_spec(cfg, i) for i in range(max(max(rows) + 1, len(table)))]
@@ -60,6 +63,8 @@ def put_rows(store, cfg, rows):
     n = table.dims["N"]
     for i, (test_m, train_m) in sorted(rows.items()):
         res = {"mask": specs[i].subset.mask(n), "test_margins": test_m, "train_margins": train_m, "seconds": 0.0}
+        for o in specs[i].outputs:  # logits (the first collect.logit_models models): zeros
+            res.setdefault(o, np.zeros(output_shape(o, table.dims), np.float32))
         table.write([i], [res], [specs[i]])
 
 

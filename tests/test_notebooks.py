@@ -32,7 +32,8 @@ def _execute(name: str, tmp_path) -> str:
 
 
 def test_every_notebook_is_tested():
-    assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(["explore_run.ipynb", *EXPERIMENTS])
+    assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(["explore_run.ipynb", *EXPERIMENTS,
+                                                                                    "label_issues.ipynb"])
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -61,3 +62,19 @@ def test_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("DATAMODELS_RUN", str(run))
     outputs = _execute(name, tmp_path)
     assert "24 models" in outputs and "top supporters" in outputs
+
+
+def test_label_issues_notebook_executes(tmp_path, monkeypatch):
+    """Two tiny runs in-process (5% planted test-label noise, and none): precision and recall,
+    the planted errors' explanations and the top flagged examples as pictures."""
+    import shlex
+
+    from conftest import TINY
+
+    sets = TINY + ["resources.executor=local", "collect.models=20", "collect.logit_models=12", "fit.n_lambdas=4"]
+    monkeypatch.setenv("DATAMODELS_SETS", shlex.join(sets))
+    monkeypatch.setenv("DATAMODELS_OUT", str(tmp_path / "runs"))
+    out = _execute("label_issues.ipynb", tmp_path)
+    for want in ("precision", "planted errors explained:", "top flagged examples:", "image/png"):
+        assert want in out, (want, out[-2000:])
+    assert (tmp_path / "runs" / "planted.png").exists() and (tmp_path / "runs" / "clean.png").exists()

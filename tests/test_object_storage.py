@@ -15,6 +15,7 @@ from datamodels.claim import read_claim
 from datamodels.fit import load_datamodels
 from datamodels.storage import Location
 from datamodels.store import RunStore
+from datamodels.table import ModelTable
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,11 @@ def test_every_stage_runs_on_s3_and_writes_nothing_locally(s3, tmp_path, monkeyp
     verified = json.loads(capsys.readouterr().out)
     assert main(["query", run, "0", "--json", "--plot", "s3://bucket/reports/t0.png"]) == 0
     q = json.loads(capsys.readouterr().out)
+    arms = "['model.widths=[4, 8, 8, 8]', 'model.widths=[8, 8, 8, 8]']"
+    assert main(["label-issues", run, "--json", "--top", "2", "--plot", "s3://bucket/reports/issues.png", "--benchmark",
+                 "--set", "label_issues.bench_models=1", "--set", f"label_issues.bench_arms={arms}",
+                 "--no-progress"]) == 0
+    issues = json.loads(capsys.readouterr().out)
     assert main(["status", run, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
 
@@ -77,8 +83,12 @@ def test_every_stage_runs_on_s3_and_writes_nothing_locally(s3, tmp_path, monkeyp
     assert store.group["eval"].attrs["report"]["E"] == 3
     assert q["target"] == 0 and q["models"] == 24
     assert verified["summary"]["checked"] + verified["summary"]["skipped"] == 1
+    assert issues["splits"]["test"]["models"] == 24 and issues["splits"]["train"]["models"] == 24
+    assert issues["plot"] == "s3://bucket/reports/issues.png" and len(issues["benchmark"]["arms"]) == 2
+    assert ModelTable(store.group["label_issues/bench/models"]).complete_mask().tolist() == [True, True]
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="bucket")["Contents"]}
     assert "runs/tiny/zarr.json" in keys and "runs/tiny_brittleness_cdf.png" in keys and "reports/t0.png" in keys
+    assert "reports/issues.png" in keys and "runs/tiny_label_issues_benchmark.png" in keys
     assert read_claim(Location(run)) is None  # every command released its claim
     # ... and nothing at all on the local disk.
     assert list(work.iterdir()) == []
