@@ -26,7 +26,6 @@ Nothing here imports Ray; the CLI (datamodels.cli_labels) is a thin shell.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 from datamodels.config import LabelIssuesConfig, RunConfig, apply_overrides, config_from_dict
 from datamodels.errors import ConfigError, StoreError
 from datamodels.label_noise import planted_label_noise
-from datamodels.storage import Location, write_file
+from datamodels.storage import Location, save_figure
 from datamodels.store import RunStore
 
 __all__ = ["OOSProbabilities", "oos_probabilities", "probability_sums", "find_issues", "explain", "SplitScores",
@@ -414,10 +413,7 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
                                  "(blue: most negative weights among examples of that class)",
                                  int(16 * cols))), fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return write_file(path, buf.getvalue())
+    return save_figure(fig, path, dpi=110)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -556,7 +552,4 @@ def _bench_png(res: dict, where: str) -> str:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", ncol=len(arms), frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return write_file(where, buf.getvalue())
+    return save_figure(fig, where)
