@@ -396,6 +396,9 @@ def _load_idx(cfg: DataConfig, name: str) -> Dataset:
             raise DataError(f"{paths[part + '_y']}: {len(y)} labels for the {len(x)} images of "
                             f"{paths[part + '_x'].name}: expected one label per image")
         _check_labels(y, len(classes), str(paths[part + "_y"]))
+    if len(arrays["train_y"]) < 2 or len(arrays["test_y"]) < 1:
+        raise DataError(f"{paths['train_x'].parent}: {len(arrays['train_y'])} training and {len(arrays['test_y'])} "
+                        "test images: expected at least 2 and 1")
     if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
         raise DataError(f"{paths['test_x']}: images of {'x'.join(map(str, arrays['test_x'].shape[1:]))}, the "
                         f"training images are {'x'.join(map(str, arrays['train_x'].shape[1:]))}: expected one size")

@@ -171,6 +171,15 @@ def test_real_fashion_mnist_from_the_debian_package():
     assert (small.num_train, small.num_test) == (2000, 1000) and len(small.split["train_indices"]) == 2000
 
 
+def test_fashion_mnist_pipelines_name_the_whole_set_and_the_small_subset():
+    big = load_config(ROOT / "pipelines" / "fashion-mnist.yaml")
+    assert big.data.dataset == "fashion-mnist" and big.data.root is None  # the Debian path
+    assert (big.data.train_size, big.data.test_size, big.collect.alpha) == (None, None, 0.5)
+    small = load_config(SMALL)
+    assert (small.data.train_size, small.data.test_size) == (2000, 1000)
+    assert small.model.widths == (8, 16, 32, 64) and small.resources.executor == "ray"
+
+
 def test_missing_directories_say_what_to_install_or_set(tmp_path):
     with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist.*or set data.root"):
         load_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path / "nowhere")))
@@ -359,7 +368,7 @@ def test_npz_pipeline_trains_and_fits(tmp_path, capsys, caplog):
     assert code == 0 and "16/16 complete" in stdout, err
     assert "npz says width flips change its labels (data.flippable), so no image is flipped" in caplog.text
     code, stdout, err = run_cli(capsys, "fit", out, "--no-progress")
-    assert code == 0 and "fit lasso: 16 models" in stdout, err
+    assert code == 0 and "fit ridge: 16 models" in stdout, err
     from datamodels.fit import load_datamodels
 
     assert load_datamodels(out)[0].shape == (64, 20)
