@@ -403,9 +403,9 @@ def _load_idx(cfg: DataConfig, name: str) -> Dataset:
         raise DataError(f"{paths['test_x']}: images of {'x'.join(map(str, arrays['test_x'].shape[1:]))}, the "
                         f"training images are {'x'.join(map(str, arrays['train_x'].shape[1:]))}: expected one size")
     split = {"source": str(base), "files": {k: p.name for k, p in paths.items()}}
-    # Fashion-MNIST: a mirrored garment, bag or shoe is the same class (the shoes all face left
-    # in the files, so a flip makes new images, but never a wrong label). MNIST: a mirrored
-    # digit is no digit, or another one.
+    # Fashion-MNIST: a mirrored garment, bag or shoe is the same class (the shoes mostly face
+    # one way in the files, so a flip makes new images, but never a wrong label). MNIST: a
+    # mirrored digit is no digit, or another one.
     return _finish(name, cfg, arrays["train_x"][:, None], arrays["train_y"], arrays["test_x"][:, None],
                    arrays["test_y"], classes, flippable=_flippable(cfg, name == "fashion-mnist"), split=split)
 
