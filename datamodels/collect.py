@@ -48,6 +48,9 @@ def collect(cfg: RunConfig, out: str | Path | Location, *, address: str | None =
     """
     loc = out if isinstance(out, Location) else Location.for_output(out)
     dataset = load_dataset(cfg.data)
+    if (cfg.train.flip or cfg.train.tta_flip) and not dataset.flippable:
+        log.warning("train.flip/train.tta_flip: %s says width flips change its labels (data.flippable), so no "
+                    "image is flipped; set data.flippable=true to flip anyway", dataset.name)
     RunStore.prepare(loc, cfg, dataset)
     if cfg.resources.executor == "ray":
         from datamodels import cluster

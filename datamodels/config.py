@@ -65,17 +65,23 @@ class DataConfig:
 
     dataset: str = field(
         default="digits",
-        metadata=_choice("digits", "cifar10", "synthetic", help="dataset name"),
+        metadata=_choice("digits", "cifar10", "fashion-mnist", "mnist", "npz", "synthetic", help="dataset name"),
     )
     root: str | None = field(
         default=None,
-        metadata=_help("cifar10: directory holding data_batch_1..5 and test_batch (python version)"),
+        metadata=_help("where the data is: cifar10: directory of data_batch_1..5 and test_batch (python version); "
+                       "fashion-mnist, mnist: directory of the four IDX files (train-images-idx3-ubyte[.gz], "
+                       "train-labels-idx1-ubyte[.gz], t10k-...; null for fashion-mnist: "
+                       "/usr/share/datasets/fashion-mnist); npz: the .npz file (x_train, y_train, x_test, y_test)"),
     )
-    train_size: int = field(
+    train_size: int | None = field(
         default=1000,
-        metadata=_range(2, None, help="digits: training examples N taken from the seeded split"),
+        metadata=_range(2, None, help="digits: training examples N of the seeded split (the other images are the "
+                                      "targets); cifar10, fashion-mnist, mnist, npz: a seeded subset of N of the "
+                                      "training images (null: all of them)"),
     )
-    split_seed: int = field(default=0, metadata=_range(0, None, help="digits: seed of the split"))
+    split_seed: int = field(default=0, metadata=_range(0, None, help="seed of the digits split and of the "
+                                                                     "train_size/test_size subsets"))
     synthetic_train: int = field(
         default=50000, metadata=_range(2, None, help="synthetic: training examples N")
     )
@@ -85,6 +91,22 @@ class DataConfig:
     beton: str | None = field(
         default=None,
         metadata=_help("train.loader=ffcv: path of the training set's .beton (written if missing)"),
+    )
+    # -- subsets, layout and flips (fashion-mnist, mnist, npz) --
+    test_size: int | None = field(
+        default=None,
+        metadata=_range(1, None, help="a seeded subset of T of the test images as targets (null: all of them); "
+                                      "not for synthetic"),
+    )
+    layout: str = field(
+        default="auto",
+        metadata=_choice("auto", "nchw", "nhwc", help="npz: axis order of 4-D image arrays (auto: the axis of at "
+                                                      "most 4 channels; 3-D arrays are grey N, H, W)"),
+    )
+    flippable: bool | None = field(
+        default=None,
+        metadata=_help("whether width flips keep the labels (train.flip and train.tta_flip act only then): null = "
+                       "the dataset's own answer (cifar10, fashion-mnist, synthetic: yes; digits, mnist, npz: no)"),
     )
     label_noise: float = field(
         default=0.0, metadata=_range(0, 1, hi_open=True,

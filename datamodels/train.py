@@ -249,7 +249,8 @@ def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: in
     (1 - w) CE(student, labels) + w tau^2 KL(softmax(teacher / tau) || softmax(student / tau)),
     w = ``train.distill_weight``, tau = ``train.distill_temperature`` (Hinton et al. 2015);
     the teacher sees the clean (augmented) batch, the student that batch plus
-    ``train.input_noise``. Everything random (init, batch order, augmentation, input noise,
+    ``train.input_noise``. Width flips (``train.flip``) only where ``dataset.flippable``.
+    Everything random (init, batch order, augmentation, input noise,
     teacher dropout) derives from ``seed``.
     """
     tc: TrainConfig = cfg.train
@@ -285,7 +286,8 @@ def train_on(dataset: Dataset, train_idx: torch.Tensor, cfg: RunConfig, seed: in
     model.train()
     for _ in range(tc.epochs):
         for xb, yb in batches.epoch(gen):
-            xb = augment_batch(xb, gen, translate=tc.translate, flip=tc.flip, cutout_size=tc.cutout)
+            xb = augment_batch(xb, gen, translate=tc.translate, flip=tc.flip and dataset.flippable,
+                               cutout_size=tc.cutout)
             xb = _normalise(xb, mean, std)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)

@@ -20,6 +20,13 @@ def test_digits_yaml_is_the_embedded_default():
     assert load_config(ROOT / "pipelines" / "digits.yaml") == load_config(None) == RunConfig()
 
 
+def test_digits_yaml_lists_every_key():
+    from datamodels.config import _flatten, describe_fields
+
+    listed = set(_flatten(yaml.safe_load((ROOT / "pipelines" / "digits.yaml").read_text())))
+    assert listed == {key for key, _, _ in describe_fields()}
+
+
 def test_cifar10_yaml_loads_full_width_with_width_flips():
     cfg = load_config(ROOT / "pipelines" / "cifar10.yaml")
     assert cfg.model.widths == (64, 128, 256, 512)
@@ -40,7 +47,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
     ("collect:\n  models: 0\n", "collect.models", "[1, inf]", "0"),
     ("train:\n  epochs: ten\n", "train.epochs", "int", "'ten'"),
     ("train:\n  flip: 3\n", "train.flip", "bool", "3"),
-    ("data:\n  dataset: mnist\n", "data.dataset", "digits", "'mnist'"),
+    ("data:\n  dataset: imagenet\n", "data.dataset", "digits", "'imagenet'"),
     ("model:\n  widths: [1, 2]\n", "model.widths", "list of 4", "[1, 2]"),
 ])
 def test_bad_values_name_key_expected_and_actual(tmp_path, text, key, expected, got):
