@@ -15,12 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from datamodels.domains import BASELINE_DOMAIN
 from datamodels.errors import ConfigError
 
 __all__ = ["METHODS", "BASELINE_DOMAIN", "rank_examples", "baseline_ranking", "pixels"]
 
 METHODS = ("datamodel", "representation", "pixel", "random")
-BASELINE_DOMAIN = 1_000_004  # random-baseline rankings: (run seed, BASELINE_DOMAIN, target)
 
 
 def rank_examples(weight_t: np.ndarray) -> np.ndarray:

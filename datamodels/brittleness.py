@@ -42,6 +42,7 @@ import zarr
 from datamodels.baselines import baseline_ranking, pixels, rank_examples
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
+from datamodels.domains import FLIP_DOMAIN
 from datamodels.errors import ConfigError, StoreError
 from datamodels.fullset import FullModels, full_models, train_full_models
 from datamodels.integrity import create_array
@@ -68,7 +69,6 @@ log = logging.getLogger(__name__)
 
 # Distinct seed domains: (run seed, domain, ...) never collides with training's (run seed, i)
 # or the other stages' (datamodels.evaluate, .fullset, .baselines, .verify).
-FLIP_DOMAIN = 1_000_005  # random flip labels
 
 FLIP_RULES = ("runner-up", "random", "fixed")
 STATUS = ("pending", "estimated", "misclassified", "unreachable")

@@ -29,6 +29,7 @@ from scipy.stats import rankdata
 
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
+from datamodels.domains import EVAL_DOMAIN
 from datamodels.integrity import create_array
 from datamodels.runner import run_specs
 from datamodels.specs import ModelSpec, Subset
@@ -39,7 +40,6 @@ from datamodels.train import subset_mask, training_seed
 __all__ = ["EVAL_DOMAIN", "lds_report", "eval_spec", "evaluate_run", "read_eval", "eval_mask"]
 
 log = logging.getLogger(__name__)
-EVAL_DOMAIN = 1_000_001
 
 
 def eval_mask(cfg: RunConfig, e: int, n: int) -> np.ndarray:

@@ -27,6 +27,7 @@ import torch
 from datamodels.claim import DriverClaim
 from datamodels.config import RunConfig
 from datamodels.data import Dataset, load_dataset
+from datamodels.domains import KD_DOMAIN, LFE_DOMAIN
 from datamodels.runner import run_specs
 from datamodels.specs import ModelSpec, Subset
 from datamodels.storage import Location, save_figure
@@ -38,8 +39,6 @@ __all__ = ["LFE_ARMS", "KD_ARMS", "learn_from_errors", "noisy_kd", "wrong_label_
 
 log = logging.getLogger(__name__)
 
-LFE_DOMAIN = 1_000_006
-KD_DOMAIN = 1_000_007
 LFE_ARMS = ("teacher", "student (teacher's wrong labels)", "student (true labels)")
 
 

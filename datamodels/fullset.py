@@ -18,6 +18,7 @@ import zarr
 
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
+from datamodels.domains import FULL_DOMAIN
 from datamodels.errors import StoreError
 from datamodels.runner import run_specs
 from datamodels.specs import ModelSpec, Subset
@@ -29,7 +30,6 @@ __all__ = ["FULL_DOMAIN", "FULL_OUTPUTS", "full_spec", "train_full_models", "Ful
 
 log = logging.getLogger(__name__)
 
-FULL_DOMAIN = 1_000_002
 FULL_OUTPUTS = ("test_margins", "test_logits", "test_features", "train_features")
 TABLE = "full/models"
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodels.config import LabelIssuesConfig, RunConfig, apply_overrides, config_from_dict
+from datamodels.domains import BENCH_DOMAIN
 from datamodels.errors import ConfigError, StoreError
 from datamodels.label_noise import planted_label_noise
 from datamodels.storage import Location, save_figure
@@ -45,7 +46,6 @@ __all__ = ["OOSProbabilities", "oos_probabilities", "probability_sums", "find_is
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "train")
-BENCH_DOMAIN = 1_000_008  # benchmark models: seed (run seed, this, f)
 BENCH_TABLE = "label_issues/bench/models"
 CLEANLAB_INSTALL = "pip install 'datamodels[labels]' (or: pip install cleanlab)"
 

@@ -22,9 +22,10 @@ import math
 import numpy as np
 import torch
 
+from datamodels.domains import LABEL_NOISE_DOMAIN
+
 __all__ = ["LABEL_NOISE_DOMAIN", "draw_label_flips", "apply_label_noise", "planted_label_noise"]
 
-LABEL_NOISE_DOMAIN = 1_000_009  # data.label_noise: (split seed, this, split)
 SPLITS = {"train": 0, "test": 1}
 
 

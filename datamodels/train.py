@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from datamodels.augment import augment_batch
 from datamodels.config import RunConfig, TrainConfig
 from datamodels.data import Dataset
+from datamodels.domains import CORRUPTION_DOMAIN
 from datamodels.model import build_model
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
     "corrupt_labels",
     "teacher_logits",
 ]
-
-CORRUPTION_DOMAIN = 1_000_005  # seeds of train.label_corruption: (run seed, this)
 
 
 @dataclass(frozen=True)

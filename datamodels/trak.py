@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from datamodels.domains import TRAK_DOMAIN
 from datamodels.train import _normalise, training_seed
 
 __all__ = ["projected_grads", "trak_spec", "trak_table_path", "trak_scores", "TRAK_DOMAIN", "TRAK_OUTPUTS"]
 
-TRAK_DOMAIN = 1000004  # seeds/masks of TRAK models never coincide with another stage's
 TRAK_OUTPUTS = ("test_margins", "test_grads", "train_grads")
 
 

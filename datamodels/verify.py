@@ -48,6 +48,7 @@ from datamodels.baselines import METHODS
 from datamodels.brittleness import Analysis, estimate_k, parse_targets
 from datamodels.config import RunConfig
 from datamodels.data import Dataset
+from datamodels.domains import SAMPLE_DOMAIN, VERIFY_DOMAIN
 from datamodels.errors import ConfigError
 from datamodels.fullset import FullModels, full_models
 from datamodels.runner import run_specs
@@ -82,8 +83,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-VERIFY_DOMAIN = 1_000_003
-SAMPLE_DOMAIN = 1_000_006  # targets sampled by the main job
 MODES = ("remove", "flip")
 BASELINES = tuple(m for m in METHODS if m != "datamodel")  # representation, pixel, random
 TABLE = "verify/models"
@@ -164,7 +163,6 @@ def fit_order(weight_t: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     second = fallback[~taken[fallback]]
     taken[second] = True
     return np.concatenate([first, second, by_w[~taken[by_w]]])
-
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
     assert yaml.safe_load((ROOT / "pipelines" / "digits.yaml").read_text())["name"] == "digits"
+
+
+def test_every_seed_domain_is_distinct():
+    from datamodels.domains import DOMAINS
+
+    assert len(DOMAINS) >= 12
+    assert len(set(DOMAINS.values())) == len(DOMAINS), DOMAINS
