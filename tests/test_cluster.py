@@ -88,7 +88,9 @@ def test_a_node_removed_mid_run_moves_its_work_to_live_nodes(cluster, tmp_path):
 def test_a_node_added_mid_run_is_used(cluster, tmp_path):
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    cfg = tiny_config("collect.models=64", "collect.block_size=2", "train.epochs=6")
+    # A node takes seconds to join and start a worker (3-4 s on a quiet machine, more under load):
+    # 40 epochs keep one worker busy ~15 s, so the late node joins with most of the work queued.
+    cfg = tiny_config("collect.models=64", "collect.block_size=2", "train.epochs=40")
     out = tmp_path / "run"
     t, box = collect_until(cluster, out, cfg, 2)
     late = cluster.add_node(num_cpus=1)
