@@ -156,7 +156,7 @@ def fit_arrays(where: str | Location, rows: np.ndarray, cfg: FitConfig, seed: in
         return _fit_estimator(store, X, Y, cfg, device=device, trak_rows=trak_rows)
     n, t = X.shape[1], Y.shape[1]
     chunk = weight_chunks(n, t)[1]
-    block = max(chunk, target_block(n, t) // chunk * chunk)  # whole chunks per target block
+    block = max(chunk, target_block(n, t, device) // chunk * chunk)  # whole chunks per target block
     return fit_lasso(
         X, Y, n_lambdas=cfg.n_lambdas, eps=cfg.eps, val_fraction=cfg.val_fraction, seed=seed,
         backend=cfg.backend, device=device, dtype=cfg.dtype, block_rows=cfg.block_rows, tol=cfg.tol,

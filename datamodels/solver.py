@@ -167,9 +167,11 @@ def _split(M: int, val_fraction: float, seed: int) -> np.ndarray:
 EXACT_ROWS = 2**24
 # Bytes of one temporary of the streamed pass and of the operator's row gathers.
 _CHUNK_BYTES = 2**28
-# Bytes the (N, T') arrays of one target block may take together, and how many float32-sized
-# (N, T') arrays a block holds at its peak (path, refit and FISTA; float64 ones count twice).
-_BLOCK_BYTES = 3 * 2**30
+# Bytes the (N, T') arrays of one target block may take together (on a CPU; on a GPU
+# _GPU_BLOCK_BYTES), and how many float32-sized (N, T') arrays a block holds at its peak (path,
+# refit and FISTA; a float64 array counts twice): 24, measured (docs/memory.md).
+_BLOCK_BYTES = 2 * 2**30
+_GPU_BLOCK_BYTES = 16 * 2**30
 _BLOCK_ARRAYS = 24
 
 
@@ -177,10 +179,12 @@ def _chunk_rows(N: int, itemsize: int) -> int:
     return max(1, _CHUNK_BYTES // (itemsize * max(N, 1)))
 
 
-def target_block(N: int, T: int) -> int:
-    """T', the targets solved together: all T when their (N, T') working arrays fit in
-    3 GiB, else as many as do (1,300 at N = 60,000 ... ). The answer does not depend on it."""
-    return int(max(1, min(T, _BLOCK_BYTES // (4 * _BLOCK_ARRAYS * max(N, 1)))))
+def target_block(N: int, T: int, device: str | torch.device = "cpu") -> int:
+    """T', the targets solved together: all T when their (N, T') working arrays fit in 2 GiB
+    (16 GiB on a GPU), else as many as do (372 at N = 60,000 on a CPU). Each further block is
+    one more pass over the data; the answer does not depend on T'."""
+    budget = _GPU_BLOCK_BYTES if torch.device(device).type == "cuda" else _BLOCK_BYTES
+    return int(max(1, min(T, budget // (4 * _BLOCK_ARRAYS * max(N, 1)))))
 
 
 def _check_rows(M: int, dtype: str) -> None:
@@ -313,6 +317,7 @@ class _Gram:
         self.scale = torch.where(self.keep, var.sqrt(), ones) if standardise else ones
         self.ks = self.keep.to(var.dtype) / self.scale  # float64: raw weight = W * ks
         self._w = {}  # ks and d in the working dtype
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # gathered rows of H, see _gathered
 
     @property
     def xbar(self) -> torch.Tensor:
@@ -323,12 +328,29 @@ class _Gram:
             self._w[dt] = (self.ks.to(dt), self.d.to(dt))
         return self._w[dt]
 
+    def _gathered(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """H[rows] (len(rows), N), kept while the same rows come back (the support of a FISTA
+        iterate changes rarely, and with few targets the gather costs more than the matmul);
+        two sets at most, each at most _CHUNK_BYTES. None when ``rows`` are too many."""
+        for i, (r, h) in enumerate(self._rows):
+            if r.shape == rows.shape and torch.equal(r, rows):
+                self._rows.append(self._rows.pop(i))
+                return h
+        if len(rows) * self.H.shape[0] * self.H.element_size() > _CHUNK_BYTES:
+            return None
+        h = self.H.index_select(0, rows)
+        self._rows = self._rows[-1:] + [(rows.clone(), h)]
+        return h
+
     def _products(self, Zs: torch.Tensor, rows: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
         """(H [+ V^T V / 4]) @ Zs in dtype dt, using only ``rows`` of Zs (its non-zero rows)."""
         N = self.H.shape[0]
         cr = _chunk_rows(N, torch.finfo(dt).bits // 8)
+        hr = self._gathered(rows) if rows is not None and len(rows) < N else None
         if self.H.dtype == dt and (rows is None or len(rows) == N):
             P = self.H @ Zs
+        elif hr is not None:
+            P = hr.to(dt).T @ Zs.index_select(0, rows)
         else:
             rows = torch.arange(N, device=Zs.device) if rows is None else rows
             P = torch.zeros(N, Zs.shape[1], dtype=dt, device=Zs.device)
@@ -725,8 +747,8 @@ def fit_lasso(
             unless the validation curve dips again). ``val_mse_path`` is NaN past the stop.
             None: every target runs the whole path. Both backends apply the same rule.
         target_block: T', targets solved together (default :func:`target_block`: all T while
-            their (N, T') working arrays fit in 3 GiB). Each further block reads X and Y again;
-            the answer does not depend on T'.
+            their (N, T') working arrays fit in 2 GiB, 16 GiB on a GPU). Each further block
+            reads X and Y again; the answer does not depend on T'.
         out: optional (N, T) array (numpy or zarr, e.g. the store's) that receives the weights
             one target block at a time; ``LassoFit.weight`` is then ``out``. Default: a new
             numpy array.
@@ -750,7 +772,7 @@ def fit_lasso(
         raise ValueError(f"eps must be in (0, 1); got {eps!r}")
     if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
         raise ValueError(f"patience must be None or an integer >= 1; got {patience!r}")
-    tb = _check_block(target_block, N, T)
+    tb = _check_block(target_block, N, T, device)
     _check_out(out, N, T)
     if backend == "torch":
         _check_rows(M, dtype)
@@ -810,9 +832,9 @@ def fit_lasso(
     )
 
 
-def _check_block(target_block_: int | None, N: int, T: int) -> int:
+def _check_block(target_block_: int | None, N: int, T: int, device: str | torch.device = "cpu") -> int:
     if target_block_ is None:
-        return target_block(N, T)
+        return target_block(N, T, device)
     if not isinstance(target_block_, (int, np.integer)) or target_block_ < 1:
         raise ValueError(f"target_block must be None or an integer >= 1; got {target_block_!r}")
     return int(min(target_block_, T))
@@ -859,7 +881,7 @@ def solve_lasso(
         raise ValueError(f"lam must be a scalar or shape ({T},); got shape {lam_np.shape}")
     if not (np.isfinite(lam_np).all() and (lam_np > 0).all()):
         raise ValueError(f"lam must be finite and > 0; got min {lam_np.min()!r}")
-    tb = _check_block(target_block, N, T)
+    tb = _check_block(target_block, N, T, device)
     if backend == "sklearn":
         from sklearn.linear_model import Lasso
 

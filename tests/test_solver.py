@@ -322,6 +322,7 @@ def test_target_block_grows_with_memory_and_shrinks_with_n():
 
     assert target_block(1000, 797) == 797
     assert target_block(60000, 10000) < 10000
-    assert 60000 * target_block(60000, 10000) * 4 * 24 <= 3 * 2**30
+    assert 60000 * target_block(60000, 10000) * 4 * 24 <= 2 * 2**30
+    assert target_block(60000, 10000, "cuda") > 5 * target_block(60000, 10000)
     with pytest.raises(ValueError, match="target_block"):
         fit_lasso(*_problem(M=40, N=5, T=2), target_block=0)
