@@ -342,6 +342,10 @@ class _Gram:
         self._rows = self._rows[-1:] + [(rows.clone(), h)]
         return h
 
+    def release(self) -> None:
+        """Drop the gathered rows (another operator's solve comes next)."""
+        self._rows = []
+
     def _products(self, Zs: torch.Tensor, rows: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
         """(H [+ V^T V / 4]) @ Zs in dtype dt, using only ``rows`` of Zs (its non-zero rows)."""
         N = self.H.shape[0]
@@ -681,12 +685,14 @@ def _fit_block(
     del W, q, q64
 
     # Refit on all models at the chosen lambda, warm-started from the fitting-share solution.
+    fit_op.release()
     _join_validation(masks, tg)
     q64, yy, ybar = _centred_targets(all_op, tg.suy, tg.sy, tg.syy)
     lam_best = lam_t.gather(0, best_idx[None, :])[0]
     W0 = (best_W.double() * (fit_op.ks * all_op.scale * all_op.keep)[:, None]).to(dtype)
     del best_W
     W = _solve(all_op, q64.to(dtype), q64, lam_best, W0, yy, L=L_all(), tol=tol, max_iter=max_iter)
+    all_op.release()
     w_raw = W.double() * all_op.ks[:, None]
     bias = ybar - all_op.xbar @ w_raw
     weight = w_raw.to(torch.float32)
