@@ -86,7 +86,7 @@ def target_datamodels(store: RunStore) -> tuple[FitWeights, np.ndarray]:
 
     Raises StoreError naming the command to run when the fit stage has not run yet.
     """
-    from datamodels.fit import FitWeights, fit_group
+    from datamodels.fit import fit_group
 
     g = fit_group(store)
     arr = g["weight"]
