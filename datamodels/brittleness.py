@@ -44,6 +44,7 @@ from datamodels.config import RunConfig
 from datamodels.data import Dataset
 from datamodels.domains import FLIP_DOMAIN
 from datamodels.errors import ConfigError, StoreError
+from datamodels.fit import FitWeights
 from datamodels.fullset import FullModels, full_models, train_full_models
 from datamodels.integrity import create_array
 from datamodels.reports import summarize, write_cdf, write_cdf_comparison
@@ -78,19 +79,22 @@ _CODE = {s: i for i, s in enumerate(STATUS)}
 # --------------------------------------------------------------------------- inputs
 
 
-def target_datamodels(store: RunStore) -> tuple[np.ndarray, np.ndarray]:
-    """(weight (N, T), bias (T,)) of the run's fitted datamodels, test targets only.
+def target_datamodels(store: RunStore) -> tuple[FitWeights, np.ndarray]:
+    """(weight (N, T), bias (T,)) of the run's fitted datamodels, test targets only. The weight
+    is a :class:`~datamodels.fit.FitWeights` reader: ``weight[:, t]``, ``weight[:, cols]`` and
+    ``weight.blocks()`` read only those targets' chunks (never the whole (N, T) array).
 
     Raises StoreError naming the command to run when the fit stage has not run yet.
     """
-    from datamodels.fit import load_datamodels
+    from datamodels.fit import fit_group
 
-    weight, bias, _ = load_datamodels(store)
+    g = fit_group(store)
+    arr = g["weight"]
     n, t = store.dims["N"], store.dims["T"]
-    if weight.shape[0] != n or weight.shape[1] < t:
-        raise StoreError(f"{store.loc}/datamodels: weight has shape {weight.shape}, expected (N={n}, at least "
+    if arr.shape[0] != n or arr.shape[1] < t:
+        raise StoreError(f"{store.loc}/datamodels: weight has shape {arr.shape}, expected (N={n}, at least "
                          f"T={t}); re-run `datamodels fit {store.loc}`")
-    return weight[:, :t].astype(np.float32), bias[:t].astype(np.float32)
+    return FitWeights(arr, t), np.asarray(g["bias"][:t]).astype(np.float32)
 
 
 def parse_targets(spec: str | Sequence[int] | None, num_targets: int) -> np.ndarray:
@@ -198,7 +202,7 @@ class Analysis:
 
     store: RunStore
     cfg: RunConfig
-    weight: np.ndarray  # (N, T)
+    weight: FitWeights  # (N, T), read by targets
     bias: np.ndarray  # (T,)
     train_y: np.ndarray  # (N,)
     test_y: np.ndarray  # (T,)
@@ -238,15 +242,12 @@ class Analysis:
         return flip_labels(original, rule=bc.flip_label, num_classes=self.num_classes, ranking=ranking,
                            flip_class=bc.flip_class)
 
-    def fit_weights(self, name: str, targets: Sequence[int]) -> np.ndarray:
-        """Weights (N, S) of the run's fit ``name`` for ``targets`` (S,) (only those columns read)."""
-        from datamodels.fit import fit_group
+    def fit_weights(self, name: str) -> FitWeights:
+        """The weights (N, T) of the run's fit ``name``, read by targets (``w[:, cols]``,
+        ``w.blocks(cols)``: only those columns' chunks are read)."""
+        from datamodels.fit import fit_weights
 
-        targets = np.asarray(targets, dtype=np.int64)
-        if not len(targets):
-            return np.zeros((self.weight.shape[0], 0), dtype=np.float32)
-        arr = fit_group(self.store, name)["weight"]
-        return np.asarray(arr.get_orthogonal_selection((slice(None), targets)), dtype=np.float32)
+        return fit_weights(self.store, name, targets=self.num_targets)
 
     def ranking(self, target: int, method: str, full: FullModels | None = None,
                 dataset: Dataset | None = None) -> np.ndarray:
@@ -318,9 +319,14 @@ def brittleness(run: str | Path | Location, *, targets: str | Sequence[int] | No
         full = full_models(store)
         baseline = full.baseline
         thresholds = [float(c) for c in bc.thresholds]
-        w = an.weight if len(idx) == an.num_targets else an.weight[:, idx]  # idx is sorted and unique
-        k_rm = estimate_k(w, baseline[idx], thresholds, max_k=bc.max_k)
-        k_fl = estimate_k(w, baseline[idx], thresholds, effect=bc.flip_effect, max_k=bc.max_k)
+        k_rm = np.empty((len(idx), len(thresholds)), dtype=np.int32)
+        k_fl = np.empty_like(k_rm)
+        pos = 0
+        for cols, w in an.weight.blocks(idx):  # idx is sorted and unique; one block of targets at a time
+            sl = slice(pos, pos + len(cols))
+            k_rm[sl] = estimate_k(w, baseline[cols], thresholds, max_k=bc.max_k)
+            k_fl[sl] = estimate_k(w, baseline[cols], thresholds, effect=bc.flip_effect, max_k=bc.max_k)
+            pos += len(cols)
         status = np.where(baseline[idx] <= 0, _CODE["misclassified"],
                           np.where(k_rm[:, 0] < 0, _CODE["unreachable"], _CODE["estimated"])).astype(np.int8)
         mis = status == _CODE["misclassified"]

@@ -40,6 +40,7 @@ __all__ = ["check_run", "CheckReport", "Damage"]
 log = logging.getLogger(__name__)
 
 _IDENTITY = ("keys", "digests", "seeds")
+_READ_BYTES = 2**28  # at most this much of an array is read at once
 
 
 @dataclass
@@ -87,18 +88,36 @@ def _tables(group: zarr.Group) -> list[str]:
     return sorted(out)
 
 
+def _column_slices(arr: zarr.Array, rows: int) -> list[slice | None]:
+    """Column ranges (whole chunks, ~256 MiB) to read a chunk-row of ``arr`` in (None: all at
+    once): a fit's weight (N, T') is one chunk-row of all N rows, read a few targets' chunks at
+    a time."""
+    if arr.ndim < 2 or int(arr.chunks[1]) >= int(arr.shape[1]):
+        return [None]
+    row_bytes = max(1, rows) * arr.dtype.itemsize * int(np.prod(arr.shape[2:], dtype=np.int64))
+    cc = int(arr.chunks[1])
+    step = max(cc, (_READ_BYTES // row_bytes) // cc * cc)
+    return [slice(c, c + step) for c in range(0, int(arr.shape[1]), step)]
+
+
 def _scan_array(arr: zarr.Array, report: CheckReport, path: str, bar=None) -> list[Damage]:
-    """Read ``arr`` one chunk-row at a time; the damaged ones."""
+    """Read ``arr`` one chunk-row at a time (big chunk-rows a few column chunks at a time); the
+    damaged ones."""
     found = []
     n = int(arr.shape[0]) if arr.ndim else 0
     b = max(1, int(arr.chunks[0])) if arr.ndim else 1
     blocks = range(0, max(n, 1), b) if arr.ndim else [None]
+    cols = _column_slices(arr, min(b, n)) if arr.ndim else [None]
     for r0 in blocks:
         report.chunks += 1
         if bar is not None:
             bar.update(1)
         try:
-            _ = arr[...] if r0 is None else np.asarray(arr[r0: min(n, r0 + b)])
+            if r0 is None:
+                _ = arr[...]
+            for c in cols if r0 is not None else ():
+                rows = slice(r0, min(n, r0 + b))
+                _ = np.asarray(arr[rows] if c is None else arr[rows, c])
         except DamagedStoreError as e:
             rows = None if r0 is None else (r0, min(n, r0 + b) - 1)
             found.append(Damage(path, None if r0 is None else r0 // b, rows, str(e)))

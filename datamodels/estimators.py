@@ -14,7 +14,11 @@ unchanged (docs/estimators.md).
   they support.
 
 Statistics are streamed from the masks in row blocks (float32 products of 0/1 masks are exact,
-accumulated in float64): memory O(N^2 + N T'), independent of M.
+accumulated in float64): memory O(N^2 + N T'), independent of M. The N x N Gram in float64 and
+its eigendecomposition set the limit: N <= GRAM_LIMIT (8,192: 0.5 GB and minutes); beyond it
+(N = 60,000: 28.8 GB, and an eigendecomposition of hours on a CPU) these estimators are refused
+before anything is computed, naming the lasso, whose statistics are one float32 N x N array
+(docs/memory.md).
 """
 
 from __future__ import annotations
@@ -24,9 +28,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["MaskStats", "mask_stats", "EstimatorFit", "fit_ridge", "fit_trak", "ESTIMATORS"]
+__all__ = ["MaskStats", "mask_stats", "EstimatorFit", "fit_ridge", "fit_trak", "ESTIMATORS", "GRAM_LIMIT", "check_size"]
 
 ESTIMATORS = ("lasso", "ridge", "trak", "trak-ridge")
+GRAM_LIMIT = 8192  # largest N whose float64 N x N Gram these estimators form (and ridge decomposes)
+
+
+def check_size(estimator: str, n: int) -> None:
+    """Refuse ``estimator`` (ridge, trak, trak-ridge) at N > GRAM_LIMIT: one line naming the limit
+    and the alternative (ConfigError: exit 2)."""
+    if estimator != "lasso" and n > GRAM_LIMIT:
+        from datamodels.errors import ConfigError
+
+        raise ConfigError(
+            f"fit.estimator={estimator}: N={n} training examples; the {estimator} estimator forms the N x N "
+            f"mask Gram in float64 ({8 * n * n / 1e9:.1f} GB here) and ridge decomposes it (hours on a CPU), so "
+            f"it is limited to N <= {GRAM_LIMIT}; use fit.estimator=lasso (one float32 N x N array)")
 
 
 @dataclass
@@ -54,6 +71,9 @@ def mask_stats(sources, *, block_rows: int = 4096) -> MaskStats:
     blocks and sum their statistics (all sources are models of the same kind: random subsets)."""
     n, sx, sy, xtx, xty, yy = 0, None, None, None, None, None
     for X, Y in sources:
+        if int(X.shape[1]) > GRAM_LIMIT:
+            raise ValueError(f"mask_stats: N={X.shape[1]} training examples; the float64 N x N Gram is limited to "
+                             f"N <= {GRAM_LIMIT} ({8 * int(X.shape[1]) ** 2 / 1e9:.1f} GB here); fit with the lasso")
         for a in range(0, X.shape[0], block_rows):
             xb = np.asarray(X[a : a + block_rows], dtype=np.float32)
             yb = np.asarray(Y[a : a + block_rows], dtype=np.float64)

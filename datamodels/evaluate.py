@@ -37,7 +37,7 @@ from datamodels.storage import Location
 from datamodels.store import RunStore
 from datamodels.train import subset_mask, training_seed
 
-__all__ = ["EVAL_DOMAIN", "lds_report", "eval_spec", "evaluate_run", "read_eval", "eval_mask"]
+__all__ = ["EVAL_DOMAIN", "lds_report", "eval_spec", "evaluate_run", "read_eval", "eval_mask", "predict"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,22 @@ def lds_report(pred: np.ndarray, actual: np.ndarray) -> dict:
     return report
 
 
+def predict(store: RunStore, masks: np.ndarray, *, name: str | None = None) -> np.ndarray:
+    """Predicted margins (E, T) of the run's fit ``name`` (default: the current one) for masks
+    (E, N): ``bias + masks @ weight`` (a float32 product, the bias added in its stored dtype),
+    the weight read one block of targets at a time: memory O(E T + N T_block), never the whole
+    (N, T) weight."""
+    from datamodels.fit import fit_group, fit_weights
+
+    t = store.dims["T"]
+    bias = np.asarray(fit_group(store, name)["bias"][:t])
+    x = np.asarray(masks, dtype=np.float32)
+    out = np.empty((x.shape[0], t), dtype=np.result_type(bias.dtype, np.float32))
+    for cols, w in fit_weights(store, name, targets=t).blocks():
+        out[:, cols] = bias[cols] + x @ w
+    return out
+
+
 def read_eval(store: RunStore, masks: int, repeats: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``masks`` evaluation masks (E, N) bool and their margins (E, R, T); KeyError
     when a model (e, r) is not in the store, StoreError when one is not complete."""
@@ -127,7 +143,7 @@ def evaluate_run(run: str | Path | Location, *, masks: int | None = None, repeat
     """Train the missing evaluation models (E masks x R repeats, default from the run's eval
     config), then report the LDS of the run's fitted datamodels on them. Resumable."""
     from datamodels.config import EvalConfig, config_from_dict
-    from datamodels.fit import load_datamodels
+    from datamodels.fit import fit_group
 
     store = RunStore.open(run)
     cfg = store.config
@@ -135,7 +151,7 @@ def evaluate_run(run: str | Path | Location, *, masks: int | None = None, repeat
         EvalConfig, {"masks": cfg.eval.masks if masks is None else masks,
                      "repeats": cfg.eval.repeats if repeats is None else repeats},
         source="evaluate --masks/--repeats", prefix="eval."))
-    weight, bias, attrs = load_datamodels(store)  # fail before training if nothing is fitted
+    attrs = dict(fit_group(store).attrs)  # fail before training if nothing is fitted
     dataset = store.dataset(dataset)
     t = store.dims["T"]
     e_n, r_n = cfg.eval.masks, cfg.eval.repeats
@@ -157,7 +173,7 @@ def evaluate_run(run: str | Path | Location, *, masks: int | None = None, repeat
                                  "finite margins in every repeat; the LDS needs at least 2 (see `datamodels check "
                                  f"{store.loc}`)")
             masks_e, actual = masks_e[finite], actual[finite]
-        pred = bias[None, :t] + masks_e.astype(np.float32) @ weight[:, :t]
+        pred = predict(store, masks_e)
         report = lds_report(pred, actual)
         report["masks_left_out"] = int((~finite).sum())
         per_target = report.pop("per_target_lds")

@@ -16,14 +16,17 @@ The result goes to the run's ``datamodels/`` group::
     datamodels/           attrs: fits = {name: group id} (one fit per name, e.g. per estimator),
                                  current = the name later stages read by default
       <group id>/         attrs: name, fit config, targets, models used, models left out, seconds
-        weight   (N, T') float32   raw mask units: prediction = bias + mask @ weight
+        weight   (N, T') float32   raw mask units: prediction = bias + mask @ weight; chunks of
+                                    all N rows x a few targets (16 MiB), read by targets (FitWeights)
         bias     (T',)   lam (T',)   val_mse (T',)   nnz (T',)
         lambdas  (L, T')  val_mse_path (L, T')
         rows     (M',) int64        the collect rows the fit used
 
 T' = T test targets, or T + N with ``fit.targets: test+train`` (test columns first). A new fit
-is written completely under a new id, then its name is switched to it (one small write), then
-the group it replaced is deleted: readers see the old fit or the new one, never a part.
+is written completely under a new id (the lasso writes its weights there one target block at a
+time, so the driver never holds an (N, T') array), then its name is switched to it (one small
+write), then the group it replaced is deleted: readers see the old fit or the new one, never a
+part. Later stages read the weights by target blocks (:class:`FitWeights`; docs/memory.md).
 """
 
 from __future__ import annotations
@@ -43,18 +46,21 @@ import zarr
 
 from datamodels.config import FitConfig, ResourcesConfig, RunConfig
 from datamodels.errors import ConfigError, StoreError
-from datamodels.estimators import EstimatorFit, fit_ridge, fit_trak, mask_stats
+from datamodels.estimators import EstimatorFit, check_size, fit_ridge, fit_trak, mask_stats
 from datamodels.integrity import create_array
-from datamodels.solver import LassoFit, fit_lasso
+from datamodels.solver import EXACT_ROWS, LassoFit, fit_lasso, target_block
 from datamodels.storage import Location
 from datamodels.store import RunStore
 from datamodels.table import ModelTable
 from datamodels.trak import TRAK_OUTPUTS, trak_scores, trak_spec, trak_table_path
 
 __all__ = ["fit_run", "fit_arrays", "train_trak_models", "trak_table", "save_datamodels", "load_datamodels", "fit_group", "fit_names", "RowView",
-           "usable_rows"]
+           "usable_rows", "fit_weights", "FitWeights", "weight_chunks"]
 
 log = logging.getLogger(__name__)
+
+_WEIGHT_CHUNK_BYTES = 2**24  # one chunk of a stored weight: all N rows, a few targets
+_READ_BYTES = 2**28  # targets read at once by FitWeights.blocks
 
 
 class RowView:
@@ -123,10 +129,13 @@ def train_trak_models(store: RunStore, run_cfg: RunConfig, *, address: str | Non
 
 def fit_arrays(where: str | Location, rows: np.ndarray, cfg: FitConfig, seed: int, *,
                progress: Callable[[int, int], None] | None = None,
-               trak_rows: np.ndarray | None = None) -> LassoFit | EstimatorFit:
+               trak_rows: np.ndarray | None = None, out=None) -> LassoFit | EstimatorFit:
     """The numerics of the stage: open the run at ``where`` read-only and fit ``rows`` with
     ``cfg.estimator`` (TRAK estimators also read ``trak_rows`` of the TRAK table, whose masks
     and margins join the mask statistics).
+
+    ``out``: an (N, T') array the lasso writes its weights into, one target block at a time
+    (the driver passes the new fit's Zarr array, so no (N, T') array is held in memory).
 
     A plain function, so it runs the same in the driver and as a Ray task on another node.
     """
@@ -145,10 +154,13 @@ def fit_arrays(where: str | Location, rows: np.ndarray, cfg: FitConfig, seed: in
     Y = RowView(_margin_arrays(store, cfg.targets), rows)
     if cfg.estimator != "lasso":
         return _fit_estimator(store, X, Y, cfg, device=device, trak_rows=trak_rows)
+    n, t = X.shape[1], Y.shape[1]
+    chunk = weight_chunks(n, t)[1]
+    block = max(chunk, target_block(n, t, device) // chunk * chunk)  # whole chunks per target block
     return fit_lasso(
         X, Y, n_lambdas=cfg.n_lambdas, eps=cfg.eps, val_fraction=cfg.val_fraction, seed=seed,
         backend=cfg.backend, device=device, dtype=cfg.dtype, block_rows=cfg.block_rows, tol=cfg.tol,
-        patience=cfg.patience, progress=progress,
+        patience=cfg.patience, progress=progress, target_block=block, out=out,
     )
 
 
@@ -198,6 +210,7 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
     if cfg.estimator in ("trak", "trak-ridge") and cfg.targets != "test":
         raise ConfigError(f"fit.targets={cfg.targets}: the {cfg.estimator} estimator fits test targets only "
                           "(TRAK models record no margins on training examples); use lasso or ridge")
+    check_size(cfg.estimator, int(store.dims["N"]))
     t0 = time.perf_counter()
     rows, dropped = usable_rows(store, cfg.targets)
     n_complete = len(rows) + dropped
@@ -210,6 +223,10 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
             f"{dropped} with non-finite margins); fitting needs at least {cfg.min_models} "
             f"(fit.min_models). Train more: datamodels train CONFIG --out {store.loc} --models M"
         )
+    if cfg.estimator == "lasso" and cfg.backend == "torch" and cfg.dtype == "float32" and len(rows) > EXACT_ROWS:
+        raise ConfigError(f"{store.loc}: {len(rows)} usable models; the lasso's float32 statistics of 0/1 masks are "
+                          f"exact up to 2^24 = {EXACT_ROWS} models: set fit.dtype=float64 (twice the memory) or fit "
+                          "fewer models")
     where = _where(resources, store, address)
     with store.writing(takeover=takeover):
         store.check_writable("datamodels")  # a read-only run fails here, before any solving
@@ -228,7 +245,17 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
                                         cpus=resources.fit_cpus, gpus=resources.fit_gpus,
                                         memory_gb=resources.fit_memory_gb, wait_timeout=resources.wait_timeout,
                                         what="fit task")
+            fit_id = None
+        elif cfg.estimator == "lasso":  # weights go straight into the new fit's array, block by block
+            n, t = int(store.dims["N"]), sum(int(a.shape[1]) for a in _margin_arrays(store, cfg.targets))
+            fit_id, group, out = _new_fit(store, cfg.estimator, n, t)
+            try:
+                result = fit_arrays(store.loc, rows, cfg, run_cfg.seed, progress=progress, out=out)
+            except BaseException:
+                _discard(store, fit_id)
+                raise
         else:
+            fit_id = None
             result = fit_arrays(store.loc, rows, cfg, run_cfg.seed, progress=progress, trak_rows=trak_rows)
         attrs = {
             "estimator": cfg.estimator,
@@ -244,16 +271,68 @@ def fit_run(run: str | Path | Location, cfg: FitConfig | None = None, *,
             "ran_on": where,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if isinstance(result, LassoFit) and result.seconds:
+            attrs["solver_seconds"] = {k: float(v) for k, v in result.seconds.items()}
         if isinstance(result, LassoFit):
             arrays = {k: getattr(result, k) for k in ("lam", "val_mse", "nnz", "lambdas", "val_mse_path")}
         else:
             arrays = {**result.arrays, "nnz": result.nnz}
-        save_datamodels(store, result.weight, result.bias, attrs=attrs, arrays={**arrays, "rows": rows},
-                        name=cfg.estimator, make_current=make_current)
+        arrays = {**arrays, "rows": rows}
+        if fit_id is None:
+            save_datamodels(store, result.weight, result.bias, attrs=attrs, arrays=arrays, name=cfg.estimator,
+                            make_current=make_current)
+        else:
+            _publish(store, fit_id, group, result.bias, attrs=attrs, arrays=arrays, name=cfg.estimator,
+                     make_current=make_current)
     out = {**attrs, "name": cfg.estimator, "mean_nnz": float(result.nnz.mean())}
     if isinstance(result, LassoFit):
         out["mean_val_mse"] = float(result.val_mse.mean())
     return out
+
+
+def weight_chunks(n: int, t: int) -> tuple[int, int]:
+    """Zarr chunks of a fit's weight (N, T'): all N rows and as many targets as fill 16 MiB
+    (69 at N = 60,000), so reading one target or a block of targets decodes only their chunks."""
+    n = max(int(n), 1)
+    return n, max(1, min(int(t), _WEIGHT_CHUNK_BYTES // (4 * n)))
+
+
+def _new_fit(store: RunStore, name: str, n: int, t: int) -> tuple[str, zarr.Group, zarr.Array]:
+    """A fresh fit group (not yet named: readers do not see it) and its empty weight (N, T')."""
+    store.check_claim()
+    if not name or "/" in name:
+        raise ValueError(f"fit name: expected a non-empty name without '/', got {name!r}")
+    root = store.group.require_group("datamodels")
+    fit_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    g = root.require_group(fit_id)
+    weight = create_array(g, "weight", shape=(n, t), chunks=weight_chunks(n, t), dtype="float32", fill_value=0.0)
+    return fit_id, g, weight
+
+
+def _discard(store: RunStore, fit_id: str) -> None:
+    """Remove an unfinished fit group (never named, so no reader saw it); best effort."""
+    try:
+        del store.group["datamodels"][fit_id]
+    except Exception as e:  # the next fit removes it anyway
+        log.warning("%s: could not remove the unfinished fit %s (%s)", store.loc, fit_id, e)
+
+
+def _publish(store: RunStore, fit_id: str, g: zarr.Group, bias: np.ndarray, *, attrs: dict,
+             arrays: dict[str, np.ndarray] | None, name: str, make_current: bool) -> str:
+    """Write the fit's other arrays and attributes, then switch ``name`` to it (one small write)
+    and delete the group it replaced."""
+    create_array(g, "bias", data=np.asarray(bias))
+    for key, value in (arrays or {}).items():
+        create_array(g, key, data=np.asarray(value))
+    g.attrs.update({**attrs, "name": name})
+    store.check_claim()
+    root = store.group["datamodels"]
+    fits = {**root.attrs.get("fits", {}), name: fit_id}
+    current = name if make_current or "current" not in root.attrs else root.attrs["current"]
+    root.attrs.update({"fits": fits, "current": current})
+    for old in [k for k in root.group_keys() if k not in fits.values()]:
+        del root[old]
+    return fit_id
 
 
 def save_datamodels(store: RunStore, weight: np.ndarray, bias: np.ndarray, *, attrs: dict,
@@ -267,25 +346,10 @@ def save_datamodels(store: RunStore, weight: np.ndarray, bias: np.ndarray, *, at
     ``arrays`` are stored beside them (the solver's lam, val_mse, ...). The store must hold the
     run's claim. Returns the group id.
     """
-    store.check_claim()
-    if not name or "/" in name:
-        raise ValueError(f"fit name: expected a non-empty name without '/', got {name!r}")
-    root = store.group.require_group("datamodels")
-    fit_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    g = root.require_group(fit_id)
     n, t = weight.shape
-    create_array(g, "weight", data=np.asarray(weight, dtype=np.float32), chunks=(n, min(t, 1024)))
-    create_array(g, "bias", data=np.asarray(bias))
-    for key, value in (arrays or {}).items():
-        create_array(g, key, data=np.asarray(value))
-    g.attrs.update({**attrs, "name": name})
-    store.check_claim()
-    fits = {**root.attrs.get("fits", {}), name: fit_id}
-    current = name if make_current or "current" not in root.attrs else root.attrs["current"]
-    root.attrs.update({"fits": fits, "current": current})
-    for old in [k for k in root.group_keys() if k not in fits.values()]:
-        del root[old]
-    return fit_id
+    fit_id, g, arr = _new_fit(store, name, n, t)
+    arr[:, :] = np.asarray(weight, dtype=np.float32)
+    return _publish(store, fit_id, g, bias, attrs=attrs, arrays=arrays, name=name, make_current=make_current)
 
 
 def fit_names(store: RunStore) -> list[str]:
@@ -312,6 +376,73 @@ def fit_group(store: RunStore | str | Path, name: str | None = None) -> zarr.Gro
 
 
 def load_datamodels(store: RunStore | str | Path, name: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(weight (N, T'), bias (T',), attrs) of a run's fit ``name`` (default: the current one)."""
+    """(weight (N, T'), bias (T',), attrs) of a run's fit ``name`` (default: the current one),
+    the weight read whole: for small runs and notebooks. Stages read it by targets
+    (:func:`fit_weights`)."""
     g = fit_group(store, name)
     return np.asarray(g["weight"][:]), np.asarray(g["bias"][:]), dict(g.attrs)
+
+
+def fit_weights(store: RunStore | str | Path, name: str | None = None, *, targets: int | None = None) -> "FitWeights":
+    """The weight of a run's fit ``name`` (default: the current one) as a :class:`FitWeights`
+    reader over its first ``targets`` columns (default: all T')."""
+    return FitWeights(fit_group(store, name)["weight"], targets)
+
+
+class FitWeights:
+    """A stored fit's weight (N, T') float32, read by targets. Each Zarr chunk holds all N rows
+    of a few targets (:func:`weight_chunks`), so a column or a block of columns decodes only
+    the chunks that hold them, never the whole array.
+
+    Indexes like an array by columns -- ``w[:, t]`` (N,), ``w[:, cols]`` (N, len(cols)),
+    ``w[:, a:b]`` -- and :meth:`blocks` walks the targets ~256 MiB at a time. ``targets``
+    restricts it to the first columns (the test targets of a test+train fit).
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, array: zarr.Array, targets: int | None = None):
+        self.array = array
+        n, t = (int(v) for v in array.shape)
+        self.shape = (n, t if targets is None else min(int(targets), t))
+
+    @property
+    def block(self) -> int:
+        """Targets :meth:`blocks` reads at once: whole chunks, about 256 MiB."""
+        c = int(self.array.chunks[1])
+        per = max(1, _READ_BYTES // (4 * max(self.shape[0], 1)))
+        return max(c, per // c * c)
+
+    def columns(self, cols) -> np.ndarray:
+        """(N, len(cols)) float32 for target indices ``cols`` in [0, T')."""
+        cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+        if cols.size == 0:
+            return np.zeros((self.shape[0], 0), dtype=np.float32)
+        if cols.min() < 0 or cols.max() >= self.shape[1]:
+            raise IndexError(f"target index out of range [0, {self.shape[1]}): {cols[(cols < 0) | (cols >= self.shape[1])][:3]}")
+        a, b = int(cols[0]), int(cols[-1]) + 1
+        if b - a == len(cols) and np.array_equal(cols, np.arange(a, b)):
+            return np.asarray(self.array[:, a:b], dtype=np.float32)
+        return np.asarray(self.array.get_orthogonal_selection((slice(None), cols)), dtype=np.float32)
+
+    def blocks(self, cols=None):
+        """Yield (targets (B,), weight (N, B)) over ``cols`` (default all) in order."""
+        cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, dtype=np.int64).reshape(-1)
+        b = self.block
+        for a in range(0, len(cols), b):
+            yield cols[a:a + b], self.columns(cols[a:a + b])
+
+    def __getitem__(self, key):
+        if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], slice) and key[0] == slice(None)):
+            raise TypeError("FitWeights reads whole columns: w[:, t], w[:, cols] or w[:, a:b]")
+        c = key[1]
+        if isinstance(c, (int, np.integer)):
+            return self.columns([int(c)])[:, 0]
+        if isinstance(c, slice):
+            c = np.arange(self.shape[1])[c]
+        return self.columns(c)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.columns(np.arange(self.shape[1]))
+        return a if dtype is None else a.astype(dtype)

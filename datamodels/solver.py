@@ -8,9 +8,13 @@ X is the (M, N) 0/1 mask matrix (M models, N training examples), Y the (M, T) ma
 (T targets). This is the fitting step of datamodels (Ilyas et al., 2022, eq. 2).
 
 The torch backend never holds X in memory: it streams row blocks of X and Y (numpy or zarr
-arrays) once and accumulates sufficient statistics (X^T X, X^T Y, column sums, Y sums and
-squares) for the fitting share and the validation share separately. Everything after that
-works on (N, N) and (N, T) matrices, so the cost of a solve does not grow with M.
+arrays) and accumulates sufficient statistics of the fitting share: U^T U with u = x - 1/2
+(exact in float32 up to 2^24 models, one (N, N) array), column sums, and per target block
+U^T Y, Y sums and squares. The validation share is kept as int8 rows (its predictions give
+the validation MSE; its Gram enters the refit only through products). Targets are solved in
+blocks of T' (all T when they fit), each block one more pass over X and Y, so memory is
+O(N^2 + N T' + val_fraction M N) and the cost of a solve does not grow with M
+(docs/memory.md).
 
 The solver is FISTA on the Gram matrix, vectorised over targets, with adaptive (gradient)
 restarts, a per-target duality-gap stopping rule, and compaction of converged targets (they
@@ -27,16 +31,18 @@ Public functions:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["LassoFit", "fit_lasso", "solve_lasso", "lasso_objective"]
+__all__ = ["LassoFit", "fit_lasso", "solve_lasso", "lasso_objective", "target_block", "EXACT_ROWS"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +75,10 @@ class LassoFit:
         val_mse_path: (L, T) float64, validation MSE along the path.
         n_train: number of models in the fitting share.
         n_val: number of models in the validation share.
+        seconds: wall time of the passes over the data ("stats") and of the solves ("solve").
     """
 
-    weight: np.ndarray
+    weight: Any
     bias: np.ndarray
     lam: np.ndarray
     val_mse: np.ndarray
@@ -80,6 +87,7 @@ class LassoFit:
     val_mse_path: np.ndarray
     n_train: int
     n_val: int
+    seconds: dict = field(default_factory=dict)
 
     def predict(self, masks: Any) -> np.ndarray:
         """Predicted margins (E, T) for masks (E, N)."""
@@ -151,162 +159,319 @@ def _split(M: int, val_fraction: float, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # sufficient statistics (streamed)
 
+# Masks are centred at 1/2 before any product: u = x - 1/2 is +-1/2, so every entry of
+# U^T U is a multiple of 1/4 of magnitude <= n/4, exact in float32 while n <= 2**24 (a 24-bit
+# significand), whatever order the matmul sums in. Centring at 1/2 rather than at the column
+# means (unknown until the pass ends) keeps U^T U / n within O(1/n) of the covariance for
+# alpha = 1/2 masks, so the float32 products of the operator lose no digits to cancellation.
+EXACT_ROWS = 2**24
+# Bytes of one temporary of the streamed pass and of the operator's row gathers.
+_CHUNK_BYTES = 2**28
+# Bytes the (N, T') arrays of one target block may take together (on a CPU; on a GPU
+# _GPU_BLOCK_BYTES), and how many float32-sized (N, T') arrays a block holds at its peak (path,
+# refit and FISTA; a float64 array counts twice): 24, measured (docs/memory.md).
+_BLOCK_BYTES = 2 * 2**30
+_GPU_BLOCK_BYTES = 16 * 2**30
+_BLOCK_ARRAYS = 24
 
-@dataclass
-class _Stats:
-    """Sufficient statistics of n rows, float64 on the target device.
 
-    n: rows; sx (N,) column sums; G (N, N) X^T X; sy (T,); syy (T,) sum of squares;
-    xty (N, T) X^T Y.
-    """
+def _chunk_rows(N: int, itemsize: int) -> int:
+    return max(1, _CHUNK_BYTES // (itemsize * max(N, 1)))
 
-    n: int
-    sx: torch.Tensor
-    G: torch.Tensor
-    sy: torch.Tensor
-    syy: torch.Tensor
-    xty: torch.Tensor
 
-    def __add__(self, other: "_Stats") -> "_Stats":
-        return _Stats(
-            self.n + other.n,
-            self.sx + other.sx,
-            self.G + other.G,
-            self.sy + other.sy,
-            self.syy + other.syy,
-            self.xty + other.xty,
+def target_block(N: int, T: int, device: str | torch.device = "cpu") -> int:
+    """T', the targets solved together: all T when their (N, T') working arrays fit in 2 GiB
+    (16 GiB on a GPU), else as many as do (372 at N = 60,000 on a CPU). Each further block is
+    one more pass over the data; the answer does not depend on T'."""
+    budget = _GPU_BLOCK_BYTES if torch.device(device).type == "cuda" else _BLOCK_BYTES
+    return int(max(1, min(T, budget // (4 * _BLOCK_ARRAYS * max(N, 1)))))
+
+
+def _check_rows(M: int, dtype: str) -> None:
+    if dtype == "float32" and M > EXACT_ROWS:
+        raise ValueError(
+            f"X has {M} rows (models); the float32 statistics of 0/1 masks are exact up to 2^24 = "
+            f"{EXACT_ROWS} models: fit at most {EXACT_ROWS} of them, or use dtype='float64'"
         )
 
 
-def _empty_stats(N: int, T: int, device: torch.device) -> _Stats:
-    f = dict(dtype=torch.float64, device=device)
-    return _Stats(
-        0,
-        torch.zeros(N, **f),
-        torch.zeros(N, N, **f),
-        torch.zeros(T, **f),
-        torch.zeros(T, **f),
-        torch.zeros(N, T, **f),
-    )
+@dataclass
+class _Masks:
+    """What the solver keeps of the masks after one pass.
+
+    H (N, N) U^T U over the fitting rows (u = x - 1/2), in the solver's dtype (exact);
+    su (N,) float64, the sum of u over the fitting rows; n fitting rows;
+    V (n_val, N) int8, 2u = +-1 for each validation row (the validation share is kept whole:
+    its predictions give the validation MSE, its Gram joins H only through products).
+    """
+
+    H: torch.Tensor
+    su: torch.Tensor
+    n: int
+    V: torch.Tensor
 
 
-def _accumulate(
+@dataclass
+class _Targets:
+    """Sums over the fitting rows for the targets of one block (float64): suy (N, T') U^T Y,
+    sy (T',), syy (T',); and the validation rows' margins Yv (n_val, T')."""
+
+    suy: torch.Tensor
+    sy: torch.Tensor
+    syy: torch.Tensor
+    Yv: torch.Tensor
+
+
+def _stream(
     X: Any,
     Y: Any,
-    groups: np.ndarray,
-    n_groups: int,
+    is_val: np.ndarray,
+    t0: int,
+    t1: int,
     *,
+    masks: _Masks | None,
     block_rows: int,
     device: torch.device,
-) -> list[_Stats]:
-    """Stream X, Y in row blocks; accumulate one :class:`_Stats` per group label.
+    dtype: torch.dtype,
+) -> tuple[_Masks, _Targets]:
+    """One pass over X, Y in row blocks: the sums of targets t0:t1, and (when ``masks`` is
+    None, the first pass) the masks' statistics, checking that X is 0/1 and Y finite.
 
-    groups: (M,) int labels in [0, n_groups). Only ``block_rows`` rows are in memory at once.
+    Only ``block_rows`` rows are read at once and at most _CHUNK_BYTES of them converted.
     """
-    M, N = X.shape
-    T = Y.shape[1]
-    out = [_empty_stats(N, T, device) for _ in range(n_groups)]
-    # 0/1 products are exact integers in float32 up to 2**24 rows per block; use the faster
-    # float32 matmul for X^T X there and accumulate in float64.
-    gram_dtype = torch.float32 if block_rows < 2**24 else torch.float64
+    M, N = (int(s) for s in X.shape)
+    first = masks is None
+    n_val = int(is_val.sum())
+    f64 = dict(dtype=torch.float64, device=device)
+    if first:
+        masks = _Masks(torch.zeros(N, N, dtype=dtype, device=device), torch.zeros(N, **f64), 0,
+                       torch.empty(n_val, N, dtype=torch.int8, device=device))
+    tb = t1 - t0
+    tg = _Targets(torch.zeros(N, tb, **f64), torch.zeros(tb, **f64), torch.zeros(tb, **f64),
+                  torch.empty(n_val, tb, **f64))
+    chunk = _chunk_rows(N, 8)
+    vpos = 0
     for a in range(0, M, block_rows):
         b = min(M, a + block_rows)
         xb = np.asarray(X[a:b])
-        yb = np.asarray(Y[a:b], dtype=np.float64)
-        if xb.dtype != np.bool_:
-            bad = (xb != 0) & (xb != 1)
-            if bad.any():
-                r, c = np.argwhere(bad)[0]
+        yb = np.asarray(Y[a:b])
+        if first:
+            if xb.dtype != np.bool_:
+                bad = (xb != 0) & (xb != 1)
+                if bad.any():
+                    r, c = np.argwhere(bad)[0]
+                    raise ValueError(f"X must hold 0/1 masks; got X[{a + r}, {c}] = {xb[r, c].item()!r}")
+            finite = np.isfinite(yb).all(1)
+            if not finite.all():
+                r = int(np.flatnonzero(~finite)[0])
                 raise ValueError(
-                    f"X must hold 0/1 masks; got X[{a + r}, {c}] = {xb[r, c].item()!r}"
+                    f"Y must be finite (drop incomplete/NaN rows before fitting); got a non-finite "
+                    f"value in row {a + r}"
                 )
-        if not np.isfinite(yb).all():
-            r = int(np.argwhere(~np.isfinite(yb))[0][0])
-            raise ValueError(
-                f"Y must be finite (drop incomplete/NaN rows before fitting); got a non-finite "
-                f"value in row {a + r}"
-            )
-        xt = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(device)
-        yt = torch.from_numpy(yb).to(device)
-        g = groups[a:b]
-        for k in range(n_groups):
-            sel = g == k
-            cnt = int(sel.sum())
-            if cnt == 0:
-                continue
-            if cnt == b - a:
-                xs, ys = xt, yt
-            else:
-                idx = torch.from_numpy(np.flatnonzero(sel)).to(device)
-                xs, ys = xt.index_select(0, idx), yt.index_select(0, idx)
-            s = out[k]
-            s.n += cnt
-            xs64 = xs.double()
-            s.sx += xs64.sum(0)
-            xg = xs.to(gram_dtype)
-            s.G += (xg.T @ xg).double()
-            s.sy += ys.sum(0)
-            s.syy += (ys * ys).sum(0)
-            s.xty += xs64.T @ ys
-    return out
+        yb = np.asarray(yb[:, t0:t1], dtype=np.float64)
+        v = is_val[a:b]
+        if v.any():
+            nv = int(v.sum())
+            if first:
+                masks.V[vpos:vpos + nv] = torch.from_numpy(np.asarray(xb[v], dtype=np.int8) * 2 - 1).to(device)
+            tg.Yv[vpos:vpos + nv] = torch.from_numpy(yb[v]).to(device)
+            vpos += nv
+        xf, yf = (xb, yb) if not v.any() else (xb[~v], yb[~v])
+        for c in range(0, len(xf), chunk):
+            u = torch.from_numpy(np.asarray(xf[c:c + chunk], dtype=np.float32)).to(device).sub_(0.5)
+            yc = torch.from_numpy(yf[c:c + chunk]).to(device)
+            if first:
+                ug = u.to(dtype)
+                masks.H.addmm_(ug.T, ug)  # in place: no second (N, N) array
+                masks.su += u.sum(0, dtype=torch.float64)
+                masks.n += int(u.shape[0])
+            u64 = u.double()
+            tg.suy.addmm_(u64.T, yc)
+            tg.sy += yc.sum(0)
+            tg.syy += (yc * yc).sum(0)
+    return masks, tg
 
 
-def _centred(stats: _Stats, *, standardise: bool):
-    """Centred (optionally standardised) normal equations, per row, float64.
+class _Gram:
+    """The centred, optionally standardised Gram matrix of one share of the rows, as an operator:
 
-    Returns Q (N, N) = Z^T Z / n, q (N, T) = Z^T (y - ybar) / n, yy (T,) = ||y - ybar||^2 / n,
-    xbar (N,), scale (N,) (the std, or ones), keep (N,) bool (columns with non-zero variance),
-    ybar (T,). Z = (X - xbar) / scale. Columns with zero variance get Q row/col 0 and q 0.
+        Q = D (H / n - d d^T) D,   D = diag(keep / scale)   (N, N)
+
+    H = U^T U over the share (plus V^T V / 4 for ``extra`` rows V = 2u), u = x - 1/2,
+    d = mean(u), scale = the population std of each mask column (ones when not standardising),
+    keep = columns with non-zero variance (var(x) = 1/4 - d^2: u^2 = 1/4). Q is never formed;
+    a product with it is one matmul with H (only its rows where the right-hand side is
+    non-zero) plus O(N T') work.
     """
-    n = stats.n
-    xbar = stats.sx / n
-    ybar = stats.sy / n
-    Q = stats.G / n - torch.outer(xbar, xbar)
-    q = stats.xty / n - torch.outer(xbar, ybar)
-    yy = (stats.syy / n - ybar * ybar).clamp_min(0.0)
-    var = Q.diagonal().clone().clamp_min(0.0)
-    # A 0/1 column with fewer than one differing row in ~1e12 is constant up to rounding.
-    keep = var > 1e-12
-    if standardise:
-        scale = torch.where(keep, var.sqrt(), torch.ones_like(var))
-        Q = Q / scale[:, None] / scale[None, :]
-        q = q / scale[:, None]
-    else:
-        scale = torch.ones_like(var)
-    kf = keep.to(Q.dtype)
-    Q = Q * kf[:, None] * kf[None, :]
-    q = q * kf[:, None]
-    return Q, q, yy, xbar, scale, keep, ybar
+
+    def __init__(self, masks: _Masks, *, extra: bool, standardise: bool):
+        self.H = masks.H
+        self.V = masks.V if extra and masks.V.shape[0] else None
+        su = masks.su if self.V is None else masks.su + 0.5 * self.V.sum(0, dtype=torch.float64)
+        self.n = masks.n + (0 if self.V is None else int(self.V.shape[0]))
+        self.d = su / self.n
+        var = (0.25 - self.d * self.d).clamp_min(0.0)
+        # A 0/1 column with fewer than one differing row in ~1e12 is constant up to rounding.
+        self.keep = var > 1e-12
+        ones = torch.ones_like(var)
+        self.scale = torch.where(self.keep, var.sqrt(), ones) if standardise else ones
+        self.ks = self.keep.to(var.dtype) / self.scale  # float64: raw weight = W * ks
+        self._w = {}  # ks and d in the working dtype
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # gathered rows of H, see _gathered
+
+    @property
+    def xbar(self) -> torch.Tensor:
+        return self.d + 0.5
+
+    def _vec(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dt not in self._w:
+            self._w[dt] = (self.ks.to(dt), self.d.to(dt))
+        return self._w[dt]
+
+    def _gathered(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """H[rows] (len(rows), N), kept while the same rows come back (the support of a FISTA
+        iterate changes rarely, and with few targets the gather costs more than the matmul);
+        two sets at most, each at most _CHUNK_BYTES. None when ``rows`` are too many."""
+        for i, (r, h) in enumerate(self._rows):
+            if r.shape == rows.shape and torch.equal(r, rows):
+                self._rows.append(self._rows.pop(i))
+                return h
+        if len(rows) * self.H.shape[0] * self.H.element_size() > _CHUNK_BYTES:
+            return None
+        h = self.H.index_select(0, rows)
+        self._rows = self._rows[-1:] + [(rows.clone(), h)]
+        return h
+
+    def release(self) -> None:
+        """Drop the gathered rows (another operator's solve comes next)."""
+        self._rows = []
+
+    def _products(self, Zs: torch.Tensor, rows: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
+        """(H [+ V^T V / 4]) @ Zs in dtype dt, using only ``rows`` of Zs (its non-zero rows)."""
+        N = self.H.shape[0]
+        cr = _chunk_rows(N, torch.finfo(dt).bits // 8)
+        hr = self._gathered(rows) if rows is not None and len(rows) < N else None
+        if self.H.dtype == dt and (rows is None or len(rows) == N):
+            P = self.H @ Zs
+        elif hr is not None:
+            P = hr.to(dt).T @ Zs.index_select(0, rows)
+        else:
+            rows = torch.arange(N, device=Zs.device) if rows is None else rows
+            P = torch.zeros(N, Zs.shape[1], dtype=dt, device=Zs.device)
+            for c in range(0, len(rows), cr):
+                r = rows[c:c + cr]
+                P.addmm_(self.H.index_select(0, r).to(dt).T, Zs.index_select(0, r))
+        if self.V is not None:
+            rows = torch.arange(N, device=Zs.device) if rows is None else rows
+            cv = _chunk_rows(self.V.shape[0], torch.finfo(dt).bits // 8)
+            A = torch.zeros(self.V.shape[0], Zs.shape[1], dtype=dt, device=Zs.device)
+            for c in range(0, len(rows), cv):
+                r = rows[c:c + cv]
+                A.addmm_(self.V.index_select(1, r).to(dt), Zs.index_select(0, r))
+            for c in range(0, N, cv):
+                P[c:c + cv].addmm_(self.V[:, c:c + cv].to(dt).T, A, alpha=0.25)
+        return P
+
+    def matmul(self, Z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Q @ Z (N, T') in Z's dtype; ``rows``: the rows where Z may be non-zero (None: all)."""
+        dt = Z.dtype
+        ks, d = self._vec(dt)
+        Zs = Z * ks[:, None]
+        P = self._products(Zs, rows, dt)
+        P.div_(self.n)
+        P.addr_(d, d @ Zs, alpha=-1.0)
+        return P.mul_(ks[:, None])
+
+    def matmul64(self, W: torch.Tensor) -> torch.Tensor:
+        """Q @ W in float64, from the exact H (in row chunks): the duality gap's correlation."""
+        W = W.double()
+        rows = (W != 0).any(1).nonzero().squeeze(1)
+        return self.matmul(W, rows)
+
+    def lipschitz(self) -> float:
+        """Largest eigenvalue of Q: eigvalsh of Q formed in float64 up to N = 4096, else
+        Lanczos on products with Q (float32 products, inflated by 5%: it approaches from below)."""
+        N = self.H.shape[0]
+        dev = self.H.device
+        if N <= 4096:
+            Q = self.matmul64(torch.eye(N, dtype=torch.float64, device=dev))
+            return float(torch.linalg.eigvalsh(0.5 * (Q + Q.T)).max().clamp_min(0.0))
+        dt = self.H.dtype
+        return 1.05 * _lanczos_max(lambda v: self.matmul(v[:, None].to(dt))[:, 0].double(), N, dev)
+
+
+def _lanczos_max(matvec: Callable[[torch.Tensor], torch.Tensor], N: int, device: torch.device,
+                 steps: int = 64) -> float:
+    """Largest eigenvalue of a symmetric PSD operator: Lanczos with full reorthogonalisation
+    from a start vector seeded by 0, until the top Ritz value changes by < 1e-6 relative."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(N, generator=g, dtype=torch.float64).to(device)
+    v /= v.norm()
+    basis = [v]
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta = 0.0
+    for _ in range(min(steps, N)):
+        w = matvec(basis[-1])
+        alphas.append(float(w @ basis[-1]))
+        B = torch.stack(basis)
+        for _ in range(2):  # twice is enough (Kahan)
+            w = w - B.T @ (B @ w)
+        beta = float(w.norm())
+        k = len(alphas)
+        Tm = torch.zeros(k, k, dtype=torch.float64)
+        Tm[range(k), range(k)] = torch.tensor(alphas, dtype=torch.float64)
+        if k > 1:
+            off = torch.tensor(betas, dtype=torch.float64)
+            Tm[range(1, k), range(k - 1)] = off
+            Tm[range(k - 1), range(1, k)] = off
+        new = float(torch.linalg.eigvalsh(Tm).max())
+        if beta <= 1e-12 * max(abs(new), 1e-300) or abs(new - theta) <= 1e-6 * abs(new):
+            return max(new, 0.0)
+        theta = new
+        betas.append(beta)
+        basis.append(w / beta)
+    return max(theta, 0.0)
+
+
+def _centred_targets(op: _Gram, suy: torch.Tensor, sy: torch.Tensor, syy: torch.Tensor):
+    """q (N, T') float64 = D cov(u, y), yy (T',) = var(y), ybar (T',) over the operator's share."""
+    ybar = sy / op.n
+    q = suy / op.n
+    q.addr_(op.d, ybar, alpha=-1.0)
+    q.mul_(op.ks[:, None])
+    yy = (syy / op.n - ybar * ybar).clamp_min(0.0)
+    return q, yy, ybar
+
+
+def _join_validation(masks: _Masks, tg: _Targets) -> None:
+    """Add the validation rows to the fitting rows' target sums, in place (for the refit)."""
+    V, Yv = masks.V, tg.Yv
+    if V.shape[0]:
+        N = V.shape[1]
+        cv = _chunk_rows(V.shape[0], 8)
+        for c in range(0, N, cv):
+            tg.suy[c:c + cv].addmm_(V[:, c:c + cv].double().T, Yv, alpha=0.5)
+        tg.sy += Yv.sum(0)
+        tg.syy += (Yv * Yv).sum(0)
+
+
+def _val_mse(V: torch.Tensor, Yv: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(T',) float64 mean squared error on the validation rows V (n_val, N) int8 (2u) with
+    margins Yv (n_val, T') of the prediction b (T',) + x @ w, x = (V + 1) / 2, w (N, T') raw."""
+    w = w.double()
+    rows = (w != 0).any(1).nonzero().squeeze(1)
+    pred = (b + 0.5 * w.sum(0)).expand(V.shape[0], -1).clone()
+    cv = _chunk_rows(V.shape[0], 8)
+    for c in range(0, len(rows), cv):
+        r = rows[c:c + cv]
+        pred.addmm_(V.index_select(1, r).double(), w.index_select(0, r), alpha=0.5)
+    resid = Yv - pred
+    return (resid * resid).mean(0)
 
 
 # --------------------------------------------------------------------------------------
 # the core solver: FISTA on the Gram matrix, all targets at once
-
-
-def _soft(z: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    return torch.sign(z) * torch.clamp(z.abs() - thr, min=0.0)
-
-
-def _lipschitz(Q: torch.Tensor) -> float:
-    """Largest eigenvalue of the PSD matrix Q (N, N)."""
-    N = Q.shape[0]
-    if N <= 4096:
-        return float(torch.linalg.eigvalsh(Q.double()).max().clamp_min(0.0))
-    # Power iteration for big N; inflate a little since it approaches from below.
-    v = torch.randn(N, 1, dtype=Q.dtype, device=Q.device, generator=None)
-    v /= v.norm()
-    lam = 0.0
-    for _ in range(200):
-        w = Q @ v
-        new = float(w.norm())
-        if new == 0:
-            return 0.0
-        v = w / new
-        if abs(new - lam) <= 1e-6 * new:
-            lam = new
-            break
-        lam = new
-    return 1.05 * lam
 
 
 def _dual_gap(
@@ -329,8 +494,9 @@ def _dual_gap(
 
 
 def _fista(
-    Q: torch.Tensor,
+    op: _Gram,
     q: torch.Tensor,
+    q64: torch.Tensor,
     lam: torch.Tensor,
     W0: torch.Tensor,
     yy: torch.Tensor,
@@ -338,22 +504,19 @@ def _fista(
     L: float,
     tol: float,
     max_iter: int,
-    Q64: torch.Tensor | None = None,
-    q64: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve min_W sum_t yy_t/2 - q_t.w_t + w_t.Q w_t/2 + lam_t |w_t|_1 for all t.
 
-    Q (N, N) PSD, q (N, T), lam (T,), W0 (N, T) warm start, yy (T,) float64.
-    Stops target t once its duality gap <= tol * yy_t (sklearn's rule). Converged targets are
-    dropped from the working set so they stop costing matmuls. Returns W (N, T) and the
-    iteration count per target (T,) (negative where it hit max_iter).
+    op: the operator Q (N, N) PSD; q (N, T) in the working dtype and q64 the same in float64;
+    lam (T,), W0 (N, T) warm start, yy (T,) float64. Stops target t once its duality gap
+    <= tol * yy_t (sklearn's rule). Converged targets are dropped from the working set so
+    they stop costing matmuls. Returns W (N, T) and the iteration count per target (T,)
+    (negative where it hit max_iter).
 
-    Q64, q64: float64 copies used for the gap. In float32, q - Q W carries an absolute error
-    of ~1e-7 |q| which, at small lambda, swamps a gap of tol * yy; so the gap check (every
-    _CHECK_EVERY iterations) recomputes the correlation in float64.
+    In float32, q - Q W carries an absolute error of ~1e-7 |q| which, at small lambda, swamps
+    a gap of tol * yy; so the gap check (every _CHECK_EVERY iterations) recomputes the
+    correlation in float64 from the exact statistics (:meth:`_Gram.matmul64`).
     """
-    if Q64 is None:
-        Q64, q64 = Q.double(), q.double()
     T = q.shape[1]
     W_out = W0.clone()
     iters = torch.zeros(T, dtype=torch.int64)
@@ -369,9 +532,9 @@ def _fista(
     stall = torch.zeros(T, dtype=torch.int64, device=q.device)
     for it in range(max_iter + 1):
         if it % _CHECK_EVERY == 0 or it == max_iter:
-            W64 = W.double()
-            C = q64a - Q64 @ W64
-            gap = _dual_gap(W64, C, q64a, lama, yya)
+            C = q64a - op.matmul64(W)
+            gap = _dual_gap(W, C, q64a, lama, yya)
+            del C
             # Precision floor: in float32 the iterate cannot always certify tol (the KKT
             # residual of a float32 fixed point is ~1e-7 |q|). Stop a target whose best gap
             # has not improved by 1% in _STALL_CHECKS checks; it is as converged as the dtype allows.
@@ -396,13 +559,10 @@ def _fista(
             step_q = step * qa
         # Rows of Z that are zero for every active target do not contribute to Q @ Z; only
         # worth the gather while the solutions are sparse (decided at each gap check).
-        if sparse:
-            nzr = (Z != 0).any(1)
-            idx = nzr.nonzero().squeeze(1)
-            V = torch.addmm(Z + step_q, Q.index_select(1, idx), Z.index_select(0, idx), alpha=-step)
-        else:
-            V = torch.addmm(Z + step_q, Q, Z, alpha=-step)  # Z - step * (Q Z - q)
+        rows = (Z != 0).any(1).nonzero().squeeze(1) if sparse else None
+        V = op.matmul(Z, rows).mul_(-step).add_(Z).add_(step_q)  # Z - step * (Q Z - q)
         W_new = V - V.clamp(-thr, thr)  # soft-thresholding
+        del V
         D = W_new - W
         t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
         # Gradient-based adaptive restart (O'Donoghue & Candes 2015), per target.
@@ -410,18 +570,19 @@ def _fista(
         beta = torch.where(restart, torch.zeros_like(t), (t - 1.0) / t_new)
         t = torch.where(restart, torch.ones_like(t), t_new)
         Z = torch.addcmul(W_new, D, beta[None, :])
+        del D
         W = W_new
     return W_out, iters
 
 
-def _solve(Q, q, lam, W0, yy, *, L, tol, max_iter, Q64=None, q64=None) -> torch.Tensor:
+def _solve(op: _Gram, q, q64, lam, W0, yy, *, L, tol, max_iter) -> torch.Tensor:
     # FISTA's momentum drives differences geometrically towards 0 and through the subnormal
     # range, where x86 CPUs take a ~100x slower path: a 50-target path took 168 s instead of
     # 8 s. Flush subnormals to zero while solving (torch has no getter for this flag; the
     # default, off, is restored).
-    flushed = Q.device.type == "cpu" and torch.set_flush_denormal(True)
+    flushed = q.device.type == "cpu" and torch.set_flush_denormal(True)
     try:
-        W, iters = _fista(Q, q, lam, W0, yy, L=L, tol=tol, max_iter=max_iter, Q64=Q64, q64=q64)
+        W, iters = _fista(op, q, q64, lam, W0, yy, L=L, tol=tol, max_iter=max_iter)
     finally:
         if flushed:
             torch.set_flush_denormal(False)
@@ -436,24 +597,6 @@ def _solve(Q, q, lam, W0, yy, *, L, tol, max_iter, Q64=None, q64=None) -> torch.
 
 # --------------------------------------------------------------------------------------
 # helpers shared by the backends
-
-
-def _val_mse(stats: _Stats, W: torch.Tensor, b: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-    """(T',) float64 mean squared error of bias b (T',) + X @ W (N, T') on the rows of stats,
-    for targets ``cols`` (default: all T)."""
-    W = W.double()
-    syy, sy, xty = stats.syy, stats.sy, stats.xty
-    if cols is not None:
-        syy, sy, xty = syy[cols], sy[cols], xty[:, cols]
-    sse = (
-        syy
-        - 2.0 * b * sy
-        - 2.0 * (W * xty).sum(0)
-        + stats.n * b * b
-        + 2.0 * b * (stats.sx @ W)
-        + (W * (stats.G @ W)).sum(0)
-    )
-    return sse.clamp_min(0.0) / stats.n
 
 
 def _lambda_grid(lam_max: np.ndarray, n_lambdas: int, eps: float) -> np.ndarray:
@@ -488,6 +631,83 @@ def lasso_objective(X: Any, y: Any, w: Any, b: Any, lam: Any) -> float | np.ndar
 # public API
 
 
+def _fit_block(
+    masks: _Masks,
+    tg: _Targets,
+    fit_op: _Gram,
+    all_op: _Gram,
+    L_fit: float,
+    L_all: Callable[[], float],
+    *,
+    n_lambdas: int,
+    eps: float,
+    tol: float,
+    max_iter: int,
+    patience: int | None,
+    dtype: torch.dtype,
+    progress: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """The lambda path on the fitting share, lambda chosen on the validation rows, and the refit
+    on all rows, for the targets of one block. Returns numpy arrays (weight float32 (N, T'))."""
+    dev = tg.suy.device
+    N, T = tg.suy.shape
+    q64, yy, ybar = _centred_targets(fit_op, tg.suy, tg.sy, tg.syy)
+    lambdas = _lambda_grid(_lam_max(q64.cpu().numpy()), n_lambdas, eps)
+    q = q64.to(dtype)
+    lam_t = torch.from_numpy(lambdas).to(dev, dtype)
+    W = torch.zeros(N, T, dtype=dtype, device=dev)
+    best_mse = torch.full((T,), math.inf, dtype=torch.float64, device=dev)
+    best_W = torch.zeros_like(W)
+    best_idx = torch.zeros(T, dtype=torch.int64, device=dev)
+    mse_path = torch.full((n_lambdas, T), math.nan, dtype=torch.float64, device=dev)
+    alive = torch.ones(T, dtype=torch.bool, device=dev)  # targets whose path goes on
+    xbar = fit_op.xbar
+    for li in range(n_lambdas):
+        cols = alive.nonzero().squeeze(1)
+        if len(cols):
+            Wa = _solve(fit_op, q[:, cols], q64[:, cols], lam_t[li, cols], W[:, cols], yy[cols], L=L_fit,
+                        tol=tol, max_iter=max_iter)
+            W[:, cols] = Wa
+            w_raw = Wa.double() * fit_op.ks[:, None]
+            mse = _val_mse(masks.V, tg.Yv[:, cols], w_raw, ybar[cols] - xbar @ w_raw)
+            del w_raw
+            mse_path[li, cols] = mse
+            better = mse < best_mse[cols]
+            bc = cols[better]
+            best_mse[bc] = mse[better]
+            best_idx[bc] = li
+            best_W[:, bc] = Wa[:, better]
+            del Wa
+            if patience is not None:
+                alive[cols[(li - best_idx[cols]) >= patience]] = False
+        if progress is not None:
+            progress(li + 1)
+    del W, q, q64
+
+    # Refit on all models at the chosen lambda, warm-started from the fitting-share solution.
+    fit_op.release()
+    _join_validation(masks, tg)
+    q64, yy, ybar = _centred_targets(all_op, tg.suy, tg.sy, tg.syy)
+    lam_best = lam_t.gather(0, best_idx[None, :])[0]
+    W0 = (best_W.double() * (fit_op.ks * all_op.scale * all_op.keep)[:, None]).to(dtype)
+    del best_W
+    W = _solve(all_op, q64.to(dtype), q64, lam_best, W0, yy, L=L_all(), tol=tol, max_iter=max_iter)
+    all_op.release()
+    w_raw = W.double() * all_op.ks[:, None]
+    bias = ybar - all_op.xbar @ w_raw
+    weight = w_raw.to(torch.float32)
+    best_np = best_idx.cpu().numpy()
+    return {
+        "weight": weight.cpu().numpy(),
+        "bias": bias.cpu().numpy(),
+        "lam": lambdas[best_np, np.arange(T)],
+        "val_mse": best_mse.cpu().numpy(),
+        "nnz": (weight != 0).sum(0).cpu().numpy().astype(np.int64),
+        "lambdas": lambdas,
+        "val_mse_path": mse_path.cpu().numpy(),
+    }
+
+
 def fit_lasso(
     X: Any,
     Y: Any,
@@ -503,6 +723,8 @@ def fit_lasso(
     tol: float = 1e-6,
     max_iter: int = _DEFAULT_MAX_ITER,
     patience: int | None = None,
+    target_block: int | None = None,
+    out: Any = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> LassoFit:
     """Fit one lasso datamodel per target with a per-target lambda chosen on held-out models.
@@ -519,7 +741,8 @@ def fit_lasso(
         backend: "torch" (all targets at once, streamed) or "sklearn" (per-target reference
             loop over sklearn's coordinate descent; loads X into memory).
         device: torch device for the torch backend ("cpu", "cuda", ...).
-        dtype: "float32" or "float64", the solver's precision (statistics are float64).
+        dtype: "float32" or "float64", the solver's precision and that of the (N, N) mask
+            statistics (exact either way; float32 up to 2^24 models).
         block_rows: rows of X / Y read at once.
         tol: per-target stopping rule: duality gap <= tol * ||y - ybar||^2 / M (the same rule
             as scikit-learn's tol).
@@ -529,13 +752,23 @@ def fit_lasso(
             ends there (smaller lambdas, which are denser and slower, would not be chosen
             unless the validation curve dips again). ``val_mse_path`` is NaN past the stop.
             None: every target runs the whole path. Both backends apply the same rule.
+        target_block: T', targets solved together (default :func:`target_block`: all T while
+            their (N, T') working arrays fit in 2 GiB, 16 GiB on a GPU). Each further block
+            reads X and Y again; the answer does not depend on T'.
+        out: optional (N, T) array (numpy or zarr, e.g. the store's) that receives the weights
+            one target block at a time; ``LassoFit.weight`` is then ``out``. Default: a new
+            numpy array.
         progress: optional callable(done, total) called after every lambda and after the
-            refit; total = n_lambdas + 1 (the last step is the refit on all models).
+            refit of every target block; total = blocks * (n_lambdas + 1).
 
     Returns:
         :class:`LassoFit`; ``weight`` (N, T) is in raw mask units, so
         ``prediction = bias + mask @ weight``. Columns of X that are constant over the models
         used get weight 0.
+
+    Memory (torch backend): the (N, N) statistics in ``dtype`` (4 N^2 bytes in float32), the
+    validation rows as int8 (val_fraction * M * N bytes) and one target block's working arrays
+    (about 96 N T' bytes); never an (N, T) array unless ``out`` is None. See docs/memory.md.
     """
     M, N, T = _check_xy(X, Y)
     _check_options(backend, dtype, block_rows, tol, max_iter)
@@ -545,75 +778,77 @@ def fit_lasso(
         raise ValueError(f"eps must be in (0, 1); got {eps!r}")
     if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
         raise ValueError(f"patience must be None or an integer >= 1; got {patience!r}")
+    tb = _check_block(target_block, N, T, device)
+    _check_out(out, N, T)
+    if backend == "torch":
+        _check_rows(M, dtype)
     is_val = _split(M, val_fraction, seed)
     if backend == "sklearn":
-        return _fit_lasso_sklearn(
+        fit = _fit_lasso_sklearn(
             X, Y, is_val, n_lambdas=n_lambdas, eps=eps, tol=tol, max_iter=max_iter,
             patience=patience, progress=progress,
         )
+        if out is not None:
+            out[:, :] = fit.weight
+            fit = dataclasses.replace(fit, weight=out)
+        return fit
     dev = torch.device(device)
     tdt = _DTYPES[dtype]
-    fit_s, val_s = _accumulate(
-        X, Y, is_val.astype(np.int64), 2, block_rows=block_rows, device=dev
-    )
-    total = n_lambdas + 1
+    weight = out if out is not None else np.zeros((N, T), dtype=np.float32)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("bias", "lam", "val_mse", "nnz", "lambdas", "val_mse_path")}
+    blocks = list(range(0, T, tb))
+    total = len(blocks) * (n_lambdas + 1)
+    masks = fit_op = all_op = None
+    L_fit = 0.0
+    L_all: list[float] = []
+    seconds = {"stats": 0.0, "solve": 0.0}
+    for bi, t0 in enumerate(blocks):
+        t1 = min(T, t0 + tb)
+        tic = time.perf_counter()
+        masks, tg = _stream(X, Y, is_val, t0, t1, masks=masks, block_rows=block_rows, device=dev, dtype=tdt)
+        seconds["stats"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        if fit_op is None:
+            fit_op = _Gram(masks, extra=False, standardise=True)
+            all_op = _Gram(masks, extra=True, standardise=True)
+            L_fit = fit_op.lipschitz()
 
-    Q64, q64, yy, xbar, scale, keep, ybar = _centred(fit_s, standardise=True)
-    lambdas = _lambda_grid(_lam_max(q64.cpu().numpy()), n_lambdas, eps)
-    Q, q = Q64.to(tdt), q64.to(tdt)
-    L = _lipschitz(Q64)
-    lam_t = torch.from_numpy(lambdas).to(dev, tdt)
-    W = torch.zeros(N, T, dtype=tdt, device=dev)
-    best_mse = torch.full((T,), math.inf, dtype=torch.float64, device=dev)
-    best_W = torch.zeros_like(W)
-    best_idx = torch.zeros(T, dtype=torch.int64, device=dev)
-    mse_path = torch.full((n_lambdas, T), math.nan, dtype=torch.float64, device=dev)
-    alive = torch.ones(T, dtype=torch.bool, device=dev)  # targets whose path goes on
-    for li in range(n_lambdas):
-        cols = alive.nonzero().squeeze(1)
-        if len(cols):
-            Wa = _solve(Q, q[:, cols], lam_t[li, cols], W[:, cols], yy[cols], L=L,
-                        tol=tol, max_iter=max_iter, Q64=Q64, q64=q64[:, cols])
-            W[:, cols] = Wa
-            w_raw = Wa.double() / scale[:, None]
-            mse = _val_mse(val_s, w_raw, ybar[cols] - xbar @ w_raw, cols)
-            mse_path[li, cols] = mse
-            better = mse < best_mse[cols]
-            bc = cols[better]
-            best_mse[bc] = mse[better]
-            best_idx[bc] = li
-            best_W[:, bc] = Wa[:, better]
-            if patience is not None:
-                alive[cols[(li - best_idx[cols]) >= patience]] = False
-        if progress is not None:
-            progress(li + 1, total)
+        def l_all() -> float:
+            if not L_all:
+                L_all.append(all_op.lipschitz())
+            return L_all[0]
 
-    # Refit on all models at the chosen lambda, warm-started from the fitting-share solution.
-    all_s = fit_s + val_s
-    Q64, q64, yy, xbar_a, scale_a, keep_a, ybar_a = _centred(all_s, standardise=True)
-    lam_best = lam_t.gather(0, best_idx[None, :])[0]
-    W0 = (best_W.double() / scale[:, None] * scale_a[:, None] * keep_a[:, None]).to(tdt)
-    W = _solve(
-        Q64.to(tdt), q64.to(tdt), lam_best, W0, yy, L=_lipschitz(Q64), tol=tol,
-        max_iter=max_iter, Q64=Q64, q64=q64,
-    )
-    w_raw = W.double() / scale_a[:, None]
-    bias = ybar_a - xbar_a @ w_raw
-    if progress is not None:
-        progress(total, total)
-    weight = w_raw.to(torch.float32)
-    best_np = best_idx.cpu().numpy()
+        step = (lambda done, base=bi * (n_lambdas + 1): progress(base + done, total)) if progress else None
+        res = _fit_block(masks, tg, fit_op, all_op, L_fit, l_all, n_lambdas=n_lambdas, eps=eps, tol=tol,
+                         max_iter=max_iter, patience=patience, dtype=tdt, progress=step)
+        del tg
+        weight[:, t0:t1] = res.pop("weight")
+        for k, v in res.items():
+            parts[k].append(v)
+        seconds["solve"] += time.perf_counter() - tic
+        if step is not None:
+            step(n_lambdas + 1)
+    cat = {k: np.concatenate(v, axis=-1) for k, v in parts.items()}
     return LassoFit(
-        weight=weight.cpu().numpy(),
-        bias=bias.cpu().numpy(),
-        lam=lambdas[best_np, np.arange(T)],
-        val_mse=best_mse.cpu().numpy(),
-        nnz=(weight != 0).sum(0).cpu().numpy().astype(np.int64),
-        lambdas=lambdas,
-        val_mse_path=mse_path.cpu().numpy(),
-        n_train=int(fit_s.n),
-        n_val=int(val_s.n),
+        weight=weight,
+        n_train=int(masks.n),
+        n_val=int(masks.V.shape[0]),
+        seconds=seconds,
+        **cat,
     )
+
+
+def _check_block(target_block_: int | None, N: int, T: int, device: str | torch.device = "cpu") -> int:
+    if target_block_ is None:
+        return target_block(N, T, device)
+    if not isinstance(target_block_, (int, np.integer)) or target_block_ < 1:
+        raise ValueError(f"target_block must be None or an integer >= 1; got {target_block_!r}")
+    return int(min(target_block_, T))
+
+
+def _check_out(out: Any, N: int, T: int) -> None:
+    if out is not None and tuple(getattr(out, "shape", ())) != (N, T):
+        raise ValueError(f"out must have shape (N, T) = ({N}, {T}); got {getattr(out, 'shape', None)}")
 
 
 def solve_lasso(
@@ -627,6 +862,7 @@ def solve_lasso(
     block_rows: int = 4096,
     tol: float = 1e-6,
     max_iter: int = _DEFAULT_MAX_ITER,
+    target_block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lasso at one fixed lambda per target on RAW features (no standardisation).
 
@@ -651,6 +887,7 @@ def solve_lasso(
         raise ValueError(f"lam must be a scalar or shape ({T},); got shape {lam_np.shape}")
     if not (np.isfinite(lam_np).all() and (lam_np > 0).all()):
         raise ValueError(f"lam must be finite and > 0; got min {lam_np.min()!r}")
+    tb = _check_block(target_block, N, T, device)
     if backend == "sklearn":
         from sklearn.linear_model import Lasso
 
@@ -663,19 +900,27 @@ def solve_lasso(
             m.fit(Xn, Yn[:, t])
             W[:, t], b[t] = m.coef_, m.intercept_
         return W, b
+    _check_rows(M, dtype)
     dev = torch.device(device)
     tdt = _DTYPES[dtype]
-    (stats,) = _accumulate(
-        X, Y, np.zeros(M, dtype=np.int64), 1, block_rows=block_rows, device=dev
-    )
-    Q64, q64, yy, xbar, _, _, ybar = _centred(stats, standardise=False)
-    W = _solve(
-        Q64.to(tdt), q64.to(tdt), torch.from_numpy(lam_np).to(dev, tdt),
-        torch.zeros(N, T, dtype=tdt, device=dev), yy,
-        L=_lipschitz(Q64), tol=tol, max_iter=max_iter, Q64=Q64, q64=q64,
-    )
-    b = ybar - xbar @ W.double()
-    return W.cpu().numpy(), b.cpu().numpy()
+    is_val = np.zeros(M, dtype=bool)
+    W_out = np.zeros((N, T), dtype=np.dtype(dtype))
+    b_out = np.zeros(T)
+    masks = op = None
+    L = 0.0
+    for t0 in range(0, T, tb):
+        t1 = min(T, t0 + tb)
+        masks, tg = _stream(X, Y, is_val, t0, t1, masks=masks, block_rows=block_rows, device=dev, dtype=tdt)
+        if op is None:
+            op = _Gram(masks, extra=False, standardise=False)
+            L = op.lipschitz()
+        q64, yy, ybar = _centred_targets(op, tg.suy, tg.sy, tg.syy)
+        del tg
+        W = _solve(op, q64.to(tdt), q64, torch.from_numpy(lam_np[t0:t1]).to(dev, tdt),
+                   torch.zeros(N, t1 - t0, dtype=tdt, device=dev), yy, L=L, tol=tol, max_iter=max_iter)
+        W_out[:, t0:t1] = W.cpu().numpy()
+        b_out[t0:t1] = (ybar - op.xbar @ W.double()).cpu().numpy()
+    return W_out, b_out
 
 
 def _fit_lasso_sklearn(

@@ -453,11 +453,16 @@ def search(run: str | Path | Location, targets: str | Sequence[int], *, modes: S
         ids = _register(table, [r.key for r in rankings])
         searches: list[_Search] = []
         for ranking in rankings:
-            if ranking.fit is not None:
-                w = an.fit_weights(ranking.fit, correct)  # (N, S)
-                est = {mode: estimate_k(w, baseline[correct], [0.0], max_k=bc.max_k,
-                                        effect=1.0 if mode == "remove" else bc.flip_effect)[:, 0]
-                       for mode in modes}
+            if ranking.fit is not None:  # read by blocks of targets: estimates and each target's ranking
+                est = {mode: {} for mode in modes}
+                fit_rank: dict[int, np.ndarray] = {}
+                for cols, w in an.fit_weights(ranking.fit).blocks(correct):
+                    for mode in modes:
+                        k = estimate_k(w, baseline[cols], [0.0], max_k=bc.max_k,
+                                       effect=1.0 if mode == "remove" else bc.flip_effect)[:, 0]
+                        est[mode].update(zip(cols.tolist(), k.tolist()))
+                    for j, t in enumerate(cols.tolist()):
+                        fit_rank[t] = fit_order(w[:, j], an.ranking(t, "representation", full=full, dataset=dataset))
             for t in idx:
                 t = int(t)
                 for mode in modes:
@@ -468,9 +473,8 @@ def search(run: str | Path | Location, targets: str | Sequence[int], *, modes: S
                                         "checks": [], "models": 0})
                         continue
                     if ranking.fit is not None:
-                        order = fit_order(w[:, correct.index(t)],
-                                          an.ranking(t, "representation", full=full, dataset=dataset))
-                        k_est = int(est[mode][correct.index(t)])
+                        order = fit_rank[t]
+                        k_est = int(est[mode][t])
                         k_est = k_est if k_est > 0 else None
                     else:
                         order = an.ranking(t, ranking.name, full=full, dataset=dataset)

@@ -611,3 +611,45 @@ def test_errors_doc_has_40_rows_each_backed_by_a_test_here():
         assert named <= here, row
         for module, name in re.findall(r"`(test_\w+\.py)::(test_\w+)", row):
             assert re.search(rf"^def {name}\b", (ROOT / "tests" / module).read_text(), re.M), row
+
+# --------------------------------------------------------------------------- sizes beyond a limit
+
+
+def test_check_reads_a_fit_by_target_chunks_and_names_a_damaged_one(run, capsys, monkeypatch):
+    import datamodels.fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "_WEIGHT_CHUNK_BYTES", 4 * 120 * 500)  # 500 targets a chunk: 4 chunks
+    assert cli.main(["fit", str(run), *FIT_SETS, "--no-progress"]) == 0
+    g = fit_mod.fit_group(RunStore.open(run))
+    assert g["weight"].chunks == (120, 500) and g["weight"].shape[1] > 1500
+    monkeypatch.setattr(__import__("datamodels.check", fromlist=["x"]), "_READ_BYTES", 4 * 120 * 1000)
+    assert check_run(run).ok
+    path = f"datamodels/{g.basename}/weight"
+    (run / path / "c" / "0" / "2").write_bytes(b"garbage")
+    rep = check_run(run)
+    assert [d.array for d in rep.damaged] == [path] and "c/0/2" in rep.damaged[0].message
+    assert check_run(run, repair=True).ok
+    code, _, err = run_cli(capsys, "query", run, "0")
+    assert code == 2 and "datamodels fit" in one_line_error(err)
+
+
+def test_ridge_beyond_its_gram_limit_is_refused_naming_the_lasso(run, capsys, monkeypatch):
+    import datamodels.estimators as est
+
+    monkeypatch.setattr(est, "GRAM_LIMIT", 100)  # the tiny run has N = 120
+    before = tree_digest(run)
+    code, _, err = run_cli(capsys, "fit", run, *FIT_SETS, "--estimator", "ridge", "--no-progress")
+    line = one_line_error(err)
+    assert code == 2 and "fit.estimator=ridge: N=120 training examples" in line
+    assert "limited to N <= 100" in line and "use fit.estimator=lasso" in line
+    assert tree_digest(run) == before  # refused before anything was written
+
+
+def test_more_than_2_24_models_in_float32_are_refused(run, capsys, monkeypatch):
+    import datamodels.fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "EXACT_ROWS", 4)  # as if the run had more than 2^24 models
+    code, _, err = run_cli(capsys, "fit", run, *FIT_SETS, "--no-progress")
+    line = one_line_error(err)
+    assert code == 2 and "8 usable models" in line and "exact up to 2^24" in line and "fit.dtype=float64" in line
+    assert cli.main(["fit", str(run), *FIT_SETS, "--set", "fit.dtype=float64", "--no-progress"]) == 0

@@ -137,3 +137,50 @@ def test_a_run_keeps_one_fit_per_name_and_reads_the_current_one(tmp_path):
     assert len(list(store.group["datamodels"].group_keys())) == 2  # the replaced group is gone
     with pytest.raises(StoreError, match="no fit named 'trak' \\(it has: lasso, ridge\\)"):
         fit_group(store, "trak")
+
+
+# --------------------------------------------------------------------------- weights by target blocks
+
+
+def test_weight_chunks_hold_all_rows_of_a_few_targets():
+    from datamodels.fit import weight_chunks
+
+    assert weight_chunks(60000, 10000) == (60000, 69)  # 16.6 MB a chunk: one target decodes that, not 2.4 GB
+    assert weight_chunks(1000, 797) == (1000, 797) and weight_chunks(120, 6) == (120, 6)
+
+
+def test_a_fit_in_target_blocks_is_written_block_by_block_and_read_back_by_targets(tmp_path, monkeypatch):
+    import datamodels.fit as fit_mod
+    import datamodels.solver as solver_mod
+    from datamodels.evaluate import predict
+    from datamodels.fit import fit_weights
+    from datamodels.store import RunStore
+
+    store, _, _ = planted_store(tmp_path, m=160)
+    fit_run(store.loc, FAST)
+    whole, bias, _ = load_datamodels(store.loc)
+    n, t = whole.shape
+    # chunks of 2 targets, reads of 4, the solver in blocks of 1 target (rounded up to a chunk)
+    monkeypatch.setattr(fit_mod, "_WEIGHT_CHUNK_BYTES", 4 * n * 2)
+    monkeypatch.setattr(fit_mod, "_READ_BYTES", 4 * n * 4)
+    monkeypatch.setattr(solver_mod, "_BLOCK_BYTES", 1)
+    calls = []
+    fit_run(store.loc, FAST, progress=lambda a, b: calls.append((a, b)))
+    assert calls[-1] == (3 * (FAST.n_lambdas + 1),) * 2  # 3 target blocks of 2
+    g = fit_group(store.loc)
+    assert g["weight"].chunks == (n, 2)
+    w = fit_weights(store.loc)
+    np.testing.assert_allclose(np.asarray(w), whole, atol=1e-6)  # the same fit as in one block
+    got = np.asarray(w)
+    assert np.array_equal(w[:, 3], got[:, 3]) and np.array_equal(w[:, [5, 0, 2]], got[:, [5, 0, 2]])
+    assert np.array_equal(w[:, 1:4], got[:, 1:4])
+    blocks = list(w.blocks([0, 2, 3, 4, 5]))
+    assert [c.tolist() for c, _ in blocks] == [[0, 2, 3, 4], [5]]
+    assert np.array_equal(np.hstack([b for _, b in blocks]), got[:, [0, 2, 3, 4, 5]])
+    with pytest.raises(IndexError, match=r"\[0, 6\)"):
+        w[:, [6]]
+    # evaluate's predictions from the blocks equal the whole product
+    masks = store.read("masks")[:20]
+    bias = np.asarray(g["bias"][:])
+    np.testing.assert_allclose(predict(RunStore.open(store.loc), masks), bias + masks.astype(np.float32) @ got,
+                               rtol=1e-6, atol=1e-6)

@@ -207,3 +207,122 @@ def test_solve_bad_lam_raises():
         solve_lasso(X, Y, np.ones(2))
     with pytest.raises(ValueError, match="lam must be finite and > 0"):
         solve_lasso(X, Y, 0.0)
+
+
+# --------------------------------------------------------------------------- memory: exact float32
+# statistics, one (N, N) array, target blocks
+
+
+def _stats(X, Y, dtype, block_rows=64, is_val=None):
+    import torch
+
+    from datamodels.solver import _stream
+
+    is_val = np.zeros(len(X), bool) if is_val is None else is_val
+    return _stream(X, Y, is_val, 0, Y.shape[1], masks=None, block_rows=block_rows, device=torch.device("cpu"),
+                   dtype=dtype)
+
+
+def test_float32_mask_statistics_equal_float64_ones_exactly():
+    import torch
+
+    # 3000 rows: entries of U^T U reach 750 in steps of 1/4, beyond float32's exact integers
+    # only if the statistics were not exact; alpha = 0.5 and 0.1 masks, and a constant column.
+    for alpha in (0.5, 0.1):
+        X = _masks(3000, 48, 1, alpha=alpha)
+        X[:, 7] = True
+        Y = np.random.default_rng(0).normal(size=(3000, 2)).astype(np.float32)
+        m32, _ = _stats(X, Y, torch.float32, block_rows=257)
+        m64, _ = _stats(X, Y, torch.float64, block_rows=3000)
+        assert m32.H.dtype == torch.float32
+        assert torch.equal(m32.H.double(), m64.H)  # bit for bit
+        s = 2 * X.astype(np.int64) - 1  # 2u, integers: the exact answer
+        assert np.array_equal((4 * m32.H.double()).numpy().astype(np.int64), s.T @ s)
+        assert torch.equal(m32.su, m64.su)
+
+
+def test_the_operator_is_the_centred_standardised_gram_of_both_shares():
+    import torch
+
+    from datamodels.solver import _Gram, _lanczos_max
+
+    X, Y = _problem(M=120, N=30, T=3, seed=4)
+    X[:, 5] = False  # constant: dropped
+    is_val = np.zeros(120, bool)
+    is_val[::5] = True
+    masks, _ = _stats(X, Y, torch.float32, block_rows=17, is_val=is_val)
+    Z = np.random.default_rng(1).normal(size=(30, 4))
+    for extra, rows in ((False, ~is_val), (True, np.ones(120, bool))):
+        op = _Gram(masks, extra=extra, standardise=True)
+        x = X[rows].astype(np.float64)
+        sd = x.std(0)
+        keep = sd > 1e-6
+        z = (x - x.mean(0)) / np.where(keep, sd, 1) * keep
+        Q = z.T @ z / len(x)
+        np.testing.assert_allclose(op.matmul64(torch.from_numpy(Z)).numpy(), Q @ Z, atol=1e-12)
+        np.testing.assert_allclose(op.matmul(torch.from_numpy(Z).float()).numpy(), Q @ Z, atol=1e-5)
+        some = torch.tensor([0, 3, 9])
+        Zs = np.zeros_like(Z)
+        Zs[[0, 3, 9]] = Z[[0, 3, 9]]
+        np.testing.assert_allclose(op.matmul(torch.from_numpy(Zs).float(), some).numpy(), Q @ Zs, atol=1e-5)
+        top = np.linalg.eigvalsh(Q).max()
+        assert op.lipschitz() == pytest.approx(top, rel=1e-10)
+        lz = _lanczos_max(lambda v: op.matmul64(v[:, None])[:, 0], 30, torch.device("cpu"))
+        assert lz == pytest.approx(top, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype,atol", [("float64", 1e-9), ("float32", 1e-6)])
+def test_a_fit_in_target_blocks_equals_one_in_a_single_block(dtype, atol):
+    zarr = pytest.importorskip("zarr")
+    X, Y = _problem(M=200, N=25, T=7, seed=21, iid=True)
+    whole = fit_lasso(X, Y, n_lambdas=15, dtype=dtype, tol=1e-9, patience=3)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = zarr.create_array(f"{d}/w.zarr", shape=(25, 7), chunks=(25, 2), dtype="float32")
+        calls = []
+        parts = fit_lasso(X, Y, n_lambdas=15, dtype=dtype, tol=1e-9, patience=3, target_block=3, out=out,
+                          progress=lambda a, b: calls.append((a, b)))
+        assert parts.weight is out
+        np.testing.assert_allclose(out[:], whole.weight, atol=atol)
+    np.testing.assert_array_equal(parts.lam, whole.lam)
+    np.testing.assert_allclose(parts.bias, whole.bias, atol=atol)
+    np.testing.assert_allclose(parts.val_mse_path, whole.val_mse_path, rtol=1e-6)
+    np.testing.assert_array_equal(parts.nnz, whole.nnz)
+    assert parts.lambdas.shape == (15, 7) and (parts.n_train, parts.n_val) == (whole.n_train, whole.n_val)
+    assert calls[-1] == (48, 48) and len(calls) == 48  # 3 blocks x (15 lambdas + refit)
+    Wa, ba = solve_lasso(X, Y, 0.05, dtype=dtype, target_block=2)
+    Wb, bb = solve_lasso(X, Y, 0.05, dtype=dtype)
+    np.testing.assert_allclose(Wa, Wb, atol=atol)
+    np.testing.assert_allclose(ba, bb, atol=atol)
+
+
+class _Huge:
+    """An (M, N) array that is too tall to fit exactly; reading it is a test failure."""
+
+    def __init__(self, m, n, dtype):
+        self.shape, self.dtype = (m, n), np.dtype(dtype)
+
+    def __getitem__(self, key):
+        raise AssertionError("read before the size was checked")
+
+
+def test_more_than_2_24_models_are_refused_before_reading_in_float32():
+    from datamodels.solver import EXACT_ROWS
+
+    X, Y = _Huge(EXACT_ROWS + 1, 3, bool), _Huge(EXACT_ROWS + 1, 2, np.float32)
+    for call in (lambda: fit_lasso(X, Y), lambda: solve_lasso(X, Y, 0.1)):
+        with pytest.raises(ValueError, match=r"exact up to 2\^24 = 16777216 models.*dtype='float64'"):
+            call()
+    assert EXACT_ROWS == 2**24
+
+
+def test_target_block_grows_with_memory_and_shrinks_with_n():
+    from datamodels.solver import target_block
+
+    assert target_block(1000, 797) == 797
+    assert target_block(60000, 10000) < 10000
+    assert 60000 * target_block(60000, 10000) * 4 * 24 <= 2 * 2**30
+    assert target_block(60000, 10000, "cuda") > 5 * target_block(60000, 10000)
+    with pytest.raises(ValueError, match="target_block"):
+        fit_lasso(*_problem(M=40, N=5, T=2), target_block=0)
