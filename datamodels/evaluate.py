@@ -153,7 +153,6 @@ def evaluate_run(run: str | Path | Location, *, masks: int | None = None, repeat
         source="evaluate --masks/--repeats", prefix="eval."))
     attrs = dict(fit_group(store).attrs)  # fail before training if nothing is fitted
     dataset = store.dataset(dataset)
-    t = store.dims["T"]
     e_n, r_n = cfg.eval.masks, cfg.eval.repeats
     specs = [eval_spec(cfg, e, r) for e in range(e_n) for r in range(r_n)]
     with store.writing(takeover=takeover):

@@ -36,6 +36,7 @@ from datamodels.config import LabelIssuesConfig, RunConfig, apply_overrides, con
 from datamodels.domains import BENCH_DOMAIN
 from datamodels.errors import ConfigError, StoreError
 from datamodels.label_noise import planted_label_noise
+from datamodels.reports import show_image
 from datamodels.storage import Location, save_figure
 from datamodels.store import RunStore
 
@@ -379,12 +380,6 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
     for ax in axes.ravel():
         ax.axis("off")
 
-    def show(ax, img, title, color="black"):
-        a = img.numpy()
-        ax.imshow(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0), cmap="gray" if a.shape[0] == 1 else None,
-                  interpolation="nearest")
-        ax.set_title(title, fontsize=7, color=color)
-
     for r, (s, issue) in enumerate(rows):
         x = (dataset.test_x if s == "test" else dataset.train_x)[issue["index"]]
         known = "" if issue["planted"] is None else ("\nplanted, true " + classes[issue["true"]]
@@ -392,7 +387,7 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
         said = (f"given {classes[issue['given']]} -> {classes[issue['suggested']]}\nq={issue['quality']:.3f}"
                 + ("" if issue.get("flagged", True) else " (not flagged)")
                 if issue["suggested"] is not None else f"given {classes[issue['given']]}\n(never out of sample)")
-        show(axes[r, 0], x, f"{s} #{issue['index']}\n{said}{known}", "tab:red" if issue["planted"] else "black")
+        show_image(axes[r, 0], x, f"{s} #{issue['index']}\n{said}{known}", "tab:red" if issue["planted"] else "black")
         e = issue.get("explanation")
         if e is not None and not (e["toward_given"] or e["toward_suggested"]):
             e, note = None, "the datamodel has no non-zero weight on a training example pushing either way"
@@ -403,10 +398,10 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
                             in_layout=False)  # the note spans the empty columns
             continue
         for c, ex in enumerate(e["toward_given"]):
-            show(axes[r, 1 + c], dataset.train_x[ex["index"]],
+            show_image(axes[r, 1 + c], dataset.train_x[ex["index"]],
                  f"#{ex['index']} {classes[ex['label']]}\nw={ex['weight']:+.3f}", "tab:green")
         for c, ex in enumerate(e["toward_suggested"]):
-            show(axes[r, 2 + k + c], dataset.train_x[ex["index"]],
+            show_image(axes[r, 2 + k + c], dataset.train_x[ex["index"]],
                  f"#{ex['index']} {classes[ex['label']]}\nw={ex['weight']:+.3f}", "tab:blue")
     fig.suptitle("\n".join(_wrap("label issues and the training examples that push the prediction toward the "
                                  "given label (green: largest datamodel weights) and toward the suggested label "

@@ -15,6 +15,7 @@ import numpy as np
 
 from datamodels.brittleness import STATUS, target_datamodels, parse_targets
 from datamodels.data import Dataset
+from datamodels.reports import show_image
 from datamodels.storage import save_figure
 from datamodels.store import RunStore
 from datamodels.verify import MODES, read_checks, verified_k
@@ -110,20 +111,14 @@ def plot_query(result: dict, path: str | Path, *, dataset: Dataset | None = None
     for ax in axes.ravel():
         ax.axis("off")
 
-    def show(ax, img, title, color="black"):
-        a = img.numpy()
-        ax.imshow(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0), cmap="gray" if a.shape[0] == 1 else None,
-                  interpolation="nearest")
-        ax.set_title(title, fontsize=7, color=color)
-
     t = result["target"]
     margin = result["mean_margin"]
-    show(axes[0, 0], dataset.test_x[t],
+    show_image(axes[0, 0], dataset.test_x[t],
          f"target {t}\nlabel {dataset.classes[result['label']]}"
          + (f"\nmargin {margin:.2f}" if margin is not None else ""))
     for row, key, color in ((1, "supporters", "tab:green"), (2, "opposers", "tab:red")):
         for c, e in enumerate(result[key]):
-            show(axes[row, c], dataset.train_x[e["index"]],
+            show_image(axes[row, c], dataset.train_x[e["index"]],
                  f"#{e['index']} {dataset.classes[e['label']]}\nw={e['weight']:+.3f}", color)
         axes[row, 0].text(-0.35, 0.5, key, transform=axes[row, 0].transAxes, rotation=90, va="center",
                           fontsize=8, color=color)

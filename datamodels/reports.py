@@ -22,6 +22,14 @@ __all__ = ["cdf_table", "summarize", "write_cdf", "verified_cdf_table", "write_v
 _COUNTED = ("estimated", "unreachable")
 
 
+def show_image(ax, img, title: str, color: str = "black") -> None:
+    """Draw one uint8 image tensor (C, H, W) on ``ax``: grey for one channel, RGB for three."""
+    a = img.numpy()
+    ax.imshow(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0), cmap="gray" if a.shape[0] == 1 else None,
+              interpolation="nearest")
+    ax.set_title(title, fontsize=7, color=color)
+
+
 def _eligible(status) -> np.ndarray:
     return np.isin(np.asarray(status), _COUNTED)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -91,3 +92,32 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def tree_digest(path) -> str:
+    """Hash of every file's name (relative to ``path``) and bytes under ``path``: proves a store
+    was left untouched."""
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(os.path.relpath(p, path).encode())
+            h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``datamodels ARGV`` in this process: exit status, stdout, stderr."""
+    from datamodels import cli
+
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    """The single ``error:`` line of ``err`` (asserting there is exactly one and no traceback)."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -8,8 +8,6 @@ The bad-input tests back the "Datasets" rows of docs/errors.md.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import os
 import re
 import struct
 from pathlib import Path
@@ -18,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
-from datamodels import cli
+from conftest import TINY, one_line_error, run_cli, tree_digest
 from datamodels.config import DataConfig, load_config
 from datamodels.data import FASHION_MNIST_ROOT, load_dataset, read_idx
 from datamodels.errors import DataError
@@ -63,28 +60,6 @@ def write_idx_dir(d: Path, train=(96, 0), test=(40, 1), *, gz: bool = True) -> d
         else:
             (d / name).write_bytes(idx_bytes(a))
     return arrays
-
-
-def tree_digest(path) -> str:
-    h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            h.update(os.path.relpath(p, path).encode() + open(p, "rb").read())
-    return h.hexdigest()
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def sets(*items: str) -> list[str]:
@@ -230,7 +205,7 @@ def test_bad_idx_files_exit_2_naming_the_file_and_write_nothing(tmp_path, capsys
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", SMALL, "--out", out, "--no-progress",
                            *sets(*TINY_28, f"data.root={data}"))
-    line = one_error_line(err)
+    line = one_line_error(err)
     assert code == 2 and str(data / name) in line and words in line, line
     assert not out.exists()
 
@@ -243,7 +218,7 @@ def test_data_damaged_after_a_run_leaves_its_store_byte_identical(tmp_path, caps
     before = tree_digest(out)
     _damage_idx(data, "wrong-magic")
     code, _, err = run_cli(capsys, *args[:-1], "collect.models=8")
-    assert code == 2 and "wrong magic number" in one_error_line(err)
+    assert code == 2 and "wrong magic number" in one_line_error(err)
     assert tree_digest(out) == before
 
 
@@ -343,7 +318,7 @@ def test_bad_npz_exits_2_naming_the_file_and_array_and_writes_nothing(tmp_path, 
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", SMALL, "--out", out, "--no-progress",
                            *sets(*TINY_28, "data.dataset=npz", f"data.root={p}"))
-    line = one_error_line(err)
+    line = one_line_error(err)
     assert code == 2 and f"{p}: " in line and words in line, line
     assert not out.exists()
 

@@ -8,7 +8,6 @@ injected with a Zarr store wrapper that raises ENOSPC after a number of writes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from zarr.storage import WrapperStore
 
-from conftest import TINY, put_rows, tiny_config
+from conftest import TINY, one_line_error, put_rows, run_cli, tiny_config, tree_digest
 from datamodels import cli
 from datamodels.check import check_run
 from datamodels.collect import collect
@@ -35,30 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "pipelines" / "digits.yaml")
 LOCAL = TINY + ["resources.executor=local"]
 SETS = [a for s in LOCAL for a in ("--set", s)]
-
-
-def tree_digest(path) -> str:
-    """Hash of every file's name and bytes under ``path``: proves a store was left untouched."""
-    h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            h.update(os.path.relpath(p, path).encode())
-            h.update(open(p, "rb").read())
-    return h.hexdigest()
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def exactly_once(where, m: int) -> None:

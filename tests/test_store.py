@@ -1,6 +1,5 @@
 """The run store, its model tables and the driver's claim, on local files (no Ray)."""
 
-import hashlib
 import multiprocessing as mp
 import os
 import time
@@ -8,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import new_store, tiny_config
+from conftest import new_store, tiny_config, tree_digest
 from datamodels.claim import DriverClaim, read_claim
 from datamodels.collect import collect, collect_spec
 from datamodels.data import load_dataset
@@ -17,18 +16,6 @@ from datamodels.specs import ModelSpec, Subset
 from datamodels.storage import Location
 from datamodels.store import RunStore
 from datamodels.train import subset_mask
-
-
-def tree_digest(path):
-    """Hash of every file's name and bytes under ``path``: proves a store was left untouched."""
-    h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            h.update(p.encode())
-            h.update(open(p, "rb").read())
-    return h.hexdigest()
 
 
 def local(*overrides):
