@@ -68,10 +68,14 @@ def test_ctrl_c_leaves_a_consistent_store_and_rerun_finishes(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "datamodels.cli", "train", "pipelines/digits.yaml", "--out", str(out),
             "--no-progress", *sets("collect.models=160", "train.epochs=10")]
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN:
+    # give the command the default disposition, as a terminal's Ctrl-C would find it.
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and completed(out) < 2:
         time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be interrupted"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
