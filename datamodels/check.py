@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 
 from datamodels.errors import DamagedStoreError, StoreError
-from datamodels.integrity import create_array, fix_for
+from datamodels.integrity import create_array, fix_for, whole_chunks
 from datamodels.store import RunStore
 from datamodels.table import ModelTable
 
@@ -95,8 +95,7 @@ def _column_slices(arr: zarr.Array, rows: int) -> list[slice | None]:
     if arr.ndim < 2 or int(arr.chunks[1]) >= int(arr.shape[1]):
         return [None]
     row_bytes = max(1, rows) * arr.dtype.itemsize * int(np.prod(arr.shape[2:], dtype=np.int64))
-    cc = int(arr.chunks[1])
-    step = max(cc, (_READ_BYTES // row_bytes) // cc * cc)
+    step = whole_chunks(_READ_BYTES // row_bytes, int(arr.chunks[1]))
     return [slice(c, c + step) for c in range(0, int(arr.shape[1]), step)]
 
 

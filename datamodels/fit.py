@@ -47,7 +47,7 @@ import zarr
 from datamodels.config import FitConfig, ResourcesConfig, RunConfig
 from datamodels.errors import ConfigError, StoreError
 from datamodels.estimators import EstimatorFit, check_size, fit_ridge, fit_trak, mask_stats
-from datamodels.integrity import create_array
+from datamodels.integrity import create_array, whole_chunks
 from datamodels.solver import EXACT_ROWS, LassoFit, fit_lasso, target_block
 from datamodels.storage import Location
 from datamodels.store import RunStore
@@ -156,7 +156,7 @@ def fit_arrays(where: str | Location, rows: np.ndarray, cfg: FitConfig, seed: in
         return _fit_estimator(store, X, Y, cfg, device=device, trak_rows=trak_rows)
     n, t = X.shape[1], Y.shape[1]
     chunk = weight_chunks(n, t)[1]
-    block = max(chunk, target_block(n, t, device) // chunk * chunk)  # whole chunks per target block
+    block = whole_chunks(target_block(n, t, device), chunk)  # whole chunks per target block
     return fit_lasso(
         X, Y, n_lambdas=cfg.n_lambdas, eps=cfg.eps, val_fraction=cfg.val_fraction, seed=seed,
         backend=cfg.backend, device=device, dtype=cfg.dtype, block_rows=cfg.block_rows, tol=cfg.tol,
@@ -410,9 +410,7 @@ class FitWeights:
     @property
     def block(self) -> int:
         """Targets :meth:`blocks` reads at once: whole chunks, about 256 MiB."""
-        c = int(self.array.chunks[1])
-        per = max(1, _READ_BYTES // (4 * max(self.shape[0], 1)))
-        return max(c, per // c * c)
+        return whole_chunks(_READ_BYTES // (4 * max(self.shape[0], 1)), int(self.array.chunks[1]))
 
     def columns(self, cols) -> np.ndarray:
         """(N, len(cols)) float32 for target indices ``cols`` in [0, T')."""

@@ -45,6 +45,13 @@ def checksum_codecs() -> tuple:
     return (ZstdCodec(level=0, checksum=False), Crc32cCodec())
 
 
+def whole_chunks(items: int, chunk: int) -> int:
+    """``items`` rounded down to whole chunks of ``chunk``, at least one chunk: how many columns
+    (targets) to read or solve at once so that no chunk is decoded twice."""
+    chunk = max(1, int(chunk))
+    return max(chunk, int(items) // chunk * chunk)
+
+
 def create_array(group: zarr.Group, name: str, **kw: Any) -> zarr.Array:
     """``group.create_array(name, **kw)`` with checksummed chunks (the one creation helper)."""
     kw.setdefault("compressors", checksum_codecs())

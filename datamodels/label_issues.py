@@ -399,10 +399,10 @@ def plot_issues(result: dict, path: str | Path, *, run: str | Path | RunStore | 
             continue
         for c, ex in enumerate(e["toward_given"]):
             show_image(axes[r, 1 + c], dataset.train_x[ex["index"]],
-                 f"#{ex['index']} {classes[ex['label']]}\nw={ex['weight']:+.3f}", "tab:green")
+                       f"#{ex['index']} {classes[ex['label']]}\nw={ex['weight']:+.3f}", "tab:green")
         for c, ex in enumerate(e["toward_suggested"]):
             show_image(axes[r, 2 + k + c], dataset.train_x[ex["index"]],
-                 f"#{ex['index']} {classes[ex['label']]}\nw={ex['weight']:+.3f}", "tab:blue")
+                       f"#{ex['index']} {classes[ex['label']]}\nw={ex['weight']:+.3f}", "tab:blue")
     fig.suptitle("\n".join(_wrap("label issues and the training examples that push the prediction toward the "
                                  "given label (green: largest datamodel weights) and toward the suggested label "
                                  "(blue: most negative weights among examples of that class)",

@@ -114,12 +114,12 @@ def plot_query(result: dict, path: str | Path, *, dataset: Dataset | None = None
     t = result["target"]
     margin = result["mean_margin"]
     show_image(axes[0, 0], dataset.test_x[t],
-         f"target {t}\nlabel {dataset.classes[result['label']]}"
-         + (f"\nmargin {margin:.2f}" if margin is not None else ""))
+               f"target {t}\nlabel {dataset.classes[result['label']]}"
+               + (f"\nmargin {margin:.2f}" if margin is not None else ""))
     for row, key, color in ((1, "supporters", "tab:green"), (2, "opposers", "tab:red")):
         for c, e in enumerate(result[key]):
             show_image(axes[row, c], dataset.train_x[e["index"]],
-                 f"#{e['index']} {dataset.classes[e['label']]}\nw={e['weight']:+.3f}", color)
+                       f"#{e['index']} {dataset.classes[e['label']]}\nw={e['weight']:+.3f}", color)
         axes[row, 0].text(-0.35, 0.5, key, transform=axes[row, 0].transAxes, rotation=90, va="center",
                           fontsize=8, color=color)
     fig.tight_layout()
