@@ -147,19 +147,27 @@ def _search_status(history: Sequence[tuple[int, bool]], rule: SearchRule) -> str
 
 
 def fit_order(weight_t: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """A fit's ranking (N,) for one target: its positively weighted examples, largest first;
-    then ``fallback`` (the representation baseline: the target's class, nearest first) where
-    the fit has nothing to say; then everything else by weight.
+    """A fit's ranking (N,) for one target under the baselines' class prior.
 
-    A sparse fit (lasso) gives most examples weight exactly 0; ordering those by index would
-    make a search that outgrows the positive weights remove examples of every class at random.
+    ``fallback`` is the representation baseline: the target's class, nearest first. The order
+    is the class's positively weighted examples, largest first; then the rest of the class
+    along ``fallback``; then every other example by weight.
+
+    Removing (relabelling) examples of the target's class is what lowers its margin: the
+    baselines rank only that class, and a fit ranked over every class spends its removals on
+    other classes' small positive weights, which are estimation noise at the size of the
+    class's weakest supporters (measured on the digits default, docs/brittleness.md). A sparse
+    fit (lasso) gives most examples weight exactly 0; the fallback orders those instead of
+    the index.
     """
     weight_t = np.asarray(weight_t, dtype=np.float64)
+    fallback = np.asarray(fallback, dtype=np.int64)
+    in_class = np.zeros(len(weight_t), dtype=bool)
+    in_class[fallback] = True
     by_w = np.argsort(-weight_t, kind="stable")
-    first = by_w[weight_t[by_w] > 0]
+    first = by_w[in_class[by_w] & (weight_t[by_w] > 0)]
     taken = np.zeros(len(weight_t), dtype=bool)
     taken[first] = True
-    fallback = np.asarray(fallback, dtype=np.int64)
     second = fallback[~taken[fallback]]
     taken[second] = True
     return np.concatenate([first, second, by_w[~taken[by_w]]])

@@ -99,10 +99,13 @@ def test_search_grows_then_bisects_to_the_smallest_k(k_star, start):
     assert len(h) <= 2 * math.ceil(math.log2(100)) + 1  # grow and bisect: logarithmic each
 
 
-def test_a_fits_ranking_continues_along_the_fallback_past_its_positive_weights():
-    w = np.array([0.0, 0.5, -0.2, 0.0, 0.9, 0.0, -0.1])
-    order = fit_order(w, fallback=np.array([5, 4, 0]))  # e.g. the target's class, nearest first
-    assert order.tolist() == [4, 1, 5, 0, 3, 6, 2]  # positives, fallback, the rest by weight
+def test_a_fits_ranking_takes_the_targets_class_first_then_the_fallback_then_the_rest():
+    w = np.array([0.0, 0.5, -0.2, 0.0, 0.9, 0.0, -0.1, 0.7])
+    # class {0, 1, 4, 5} (the fallback: the target's class, nearest first); 7 is another class
+    order = fit_order(w, fallback=np.array([5, 4, 0, 1]))
+    # the class's positives by weight, the rest of the class by the fallback, then others by weight
+    assert order.tolist() == [4, 1, 5, 0, 7, 3, 6, 2]
+    assert sorted(order.tolist()) == list(range(8))  # a permutation: every example once
     assert fit_order(np.array([0.3, 0.1]), np.array([], dtype=np.int64)).tolist() == [0, 1]
 
 
