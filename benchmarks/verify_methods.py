@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header  # noqa: E402
 
@@ -35,10 +37,28 @@ def fmt_k(k) -> str:
     return ">max" if k is None else f"{k:g}"
 
 
+def paired(results: list[dict], mode: str, a: str, b: str) -> str:
+    """Ranking ``a`` against ``b`` target by target (both verified): how often its k is smaller,
+    larger, equal, and the mean k of each -- the median alone hides a consistent difference."""
+    ks = {}
+    for r in results:
+        if r["mode"] == mode and r["method"] in (a, b) and r["verified_k"] is not None:
+            ks.setdefault(r["target"], {})[r["method"]] = r["verified_k"]
+    both = [(v[a], v[b]) for v in ks.values() if a in v and b in v]
+    if not both:
+        return f"{a} vs {b}: no target verified by both"
+    x, y = np.asarray(both, dtype=np.float64).T
+    return (f"{a} vs {b} on {len(both)} targets: smaller k on {(x < y).sum()}, larger on {(x > y).sum()}, "
+            f"equal on {(x == y).sum()}; mean k {x.mean():.1f} vs {y.mean():.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/digits", help="a fitted run store")
     ap.add_argument("--targets", type=int, default=20, help="targets in the sample")
+    ap.add_argument("--sample-seed", type=int, default=None,
+                    help="seed of the target sample (default: the run's seed); another seed draws an "
+                         "independent sample, to check a comparison on targets it was not chosen on")
     ap.add_argument("--models", type=int, default=4, help="models K per check")
     ap.add_argument("--rounds", type=int, default=12, help="checks per search at most")
     ap.add_argument("--tolerance", type=float, default=0.0, help="bisection tolerance (0: the exact smallest k)")
@@ -56,10 +76,11 @@ def main():
     est = read_brittleness(store) if "brittleness" in store.group else None
     if est is None or "pending" in set(est["status"]):
         brittleness(args.run, cfg=cfg, address=args.address, progress=True)  # full-set models, once
-    targets = sample_targets(RunStore.open(args.run), args.targets)
+    targets = sample_targets(RunStore.open(args.run), args.targets, seed=args.sample_seed)
     modes = args.modes.split(",")
     print(f"run {args.run}: N={store.dims['N']}, {store.complete_mask().sum()} models collected; "
-          f"{len(targets)} sampled targets {targets}")
+          f"{len(targets)} sampled targets {targets} (sample seed "
+          f"{cfg.seed if args.sample_seed is None else args.sample_seed})")
     print(f"search: K={args.models} models per check, at most {args.rounds} checks, tolerance {args.tolerance}, "
           f"start k {cfg.verify.start_k} (baselines) or the fit's estimate; modes {modes}")
     t0 = time.perf_counter()
@@ -103,10 +124,15 @@ def main():
         print(f"  {mode:<7}best ranking {best}: {s['verified']}/{s['checked']} verified ({rate:.0%}; "
               f">= 90%: {'yes' if rate >= 0.9 else 'NO'}); median k {fmt_k(s['median_k'])} vs "
               + ", ".join(f"{m} {fmt_k(b['median_k'])}" for m, b in base.items())
-              + f" (below all: {'yes' if below else 'NO'}); {s['models']} models")
+              + (f" (below all: {'yes' if below else 'NO'})" if base else " (no baseline searched: not judged)")
+              + f"; {s['models']} models")
+        for m in base:
+            print("    " + paired(out["results"], mode, best, m))
     print(f"\ncost: {used} full-set models in the checks ({len(out['trained'])} trained by this call, "
           f"{seconds:.0f} s); the run's collect stage trained {store.complete_mask().sum()}")
-    fig = write_verified_cdf(out["results"], _cdf_base(store.loc, None, verified=True), models=args.models,
+    base = _cdf_base(store.loc, None, verified=True)
+    base = base if args.sample_seed is None else f"{base}_sample{args.sample_seed}"
+    fig = write_verified_cdf(out["results"], base, models=args.models,
                              trained=len(out["trained"]))
     print(f"figure: {fig['png']}  data: {fig['csv']}  per target: {fig['targets_csv']}")
 
