@@ -8,8 +8,10 @@ removal (flip) makes the target's mean margin over K fresh full-set models negat
 side by side, per mode and ranking: verified upper bounds (count, rate), median verified k
 (unverified targets counted as not brittle), median estimated k (fits), checks and models;
 then the issue's goal (>= 90% verified with the best ranking, its median k below every
-baseline's) and the cost in models trained. Writes the figure next to the run. Resumable:
-checks already in the store are reused (the "trained" column says what this call trained).
+baseline's), a paired comparison per baseline (targets where the best ranking's k is smaller
+or larger, mean k) and the cost in models trained. Writes the figure next to the run.
+Resumable: checks already in the store are reused (the cost line says what this call trained).
+``--sample-seed`` draws an independent sample of targets.
 
     python benchmarks/verify_methods.py --run runs/digits --targets 20 --models 4 --rounds 12 --tolerance 0
 """
@@ -113,9 +115,12 @@ def main():
         if not fits:
             continue
 
-        def order(item):
-            s = item[1]
-            return (-(s["rate"] or 0), float("inf") if s["median_k"] is None else s["median_k"])
+        def order(item, mode=mode):  # verified rate, then median k, then mean verified k
+            name, s = item
+            ks = [r["verified_k"] for r in out["results"]
+                  if r["mode"] == mode and r["method"] == name and r["verified_k"] is not None]
+            return (-(s["rate"] or 0), float("inf") if s["median_k"] is None else s["median_k"],
+                    float(np.mean(ks)) if ks else float("inf"))
 
         best, s = min(fits.items(), key=order)
         below = all(s["median_k"] is not None and (b["median_k"] is None or s["median_k"] < b["median_k"])
