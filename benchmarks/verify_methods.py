@@ -135,9 +135,9 @@ def main():
             print("    " + paired(out["results"], mode, best, m))
     print(f"\ncost: {used} full-set models in the checks ({len(out['trained'])} trained by this call, "
           f"{seconds:.0f} s); the run's collect stage trained {store.complete_mask().sum()}")
-    base = _cdf_base(store.loc, None, verified=True)
-    base = base if args.sample_seed is None else f"{base}_sample{args.sample_seed}"
-    fig = write_verified_cdf(out["results"], base, models=args.models,
+    where = _cdf_base(store.loc, None, verified=True)
+    where = where if args.sample_seed is None else f"{where}_sample{args.sample_seed}"
+    fig = write_verified_cdf(out["results"], where, models=args.models,
                              trained=len(out["trained"]))
     print(f"figure: {fig['png']}  data: {fig['csv']}  per target: {fig['targets_csv']}")
 
