@@ -39,14 +39,17 @@ def fmt_k(k) -> str:
     return ">max" if k is None else f"{k:g}"
 
 
+def verified_ks(results: list[dict], mode: str, method: str) -> dict[int, int]:
+    """{target: verified k} of one ranking in one mode (verified targets only)."""
+    return {r["target"]: r["verified_k"] for r in results
+            if r["mode"] == mode and r["method"] == method and r["verified_k"] is not None}
+
+
 def paired(results: list[dict], mode: str, a: str, b: str) -> str:
     """Ranking ``a`` against ``b`` target by target (both verified): how often its k is smaller,
     larger, equal, and the mean k of each -- the median alone hides a consistent difference."""
-    ks = {}
-    for r in results:
-        if r["mode"] == mode and r["method"] in (a, b) and r["verified_k"] is not None:
-            ks.setdefault(r["target"], {})[r["method"]] = r["verified_k"]
-    both = [(v[a], v[b]) for v in ks.values() if a in v and b in v]
+    ka, kb = verified_ks(results, mode, a), verified_ks(results, mode, b)
+    both = [(ka[t], kb[t]) for t in ka if t in kb]
     if not both:
         return f"{a} vs {b}: no target verified by both"
     x, y = np.asarray(both, dtype=np.float64).T
@@ -117,8 +120,7 @@ def main():
 
         def order(item, mode=mode):  # verified rate, then median k, then mean verified k
             name, s = item
-            ks = [r["verified_k"] for r in out["results"]
-                  if r["mode"] == mode and r["method"] == name and r["verified_k"] is not None]
+            ks = list(verified_ks(out["results"], mode, name).values())
             return (-(s["rate"] or 0), float("inf") if s["median_k"] is None else s["median_k"],
                     float(np.mean(ks)) if ks else float("inf"))
 
